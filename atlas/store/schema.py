@@ -1,0 +1,279 @@
+"""The atlas schema: SQLAlchemy 2.0 typed ORM, keyed by model (family, seed) / layer / neuron.
+
+Alembic migrations in migrations/versions create exactly these tables; views live in views.py.
+Result tables carry the job that wrote them (job_id), so the jobs ledger explains every row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _model_fk() -> Mapped[int]:
+    return mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+
+
+def _dataset_fk() -> Mapped[int]:
+    return mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+
+
+def _job_fk() -> Mapped[Optional[int]]:
+    return mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    family: Mapped[str] = mapped_column(String(200), index=True)
+    seed: Mapped[int]
+    source: Mapped[str] = mapped_column(Text)
+    revision: Mapped[Optional[str]] = mapped_column(String(200))
+    architecture: Mapped[str] = mapped_column(String(50))
+    n_layers: Mapped[int]
+    d_model: Mapped[int]
+    d_mlp: Mapped[int]
+    vocab_size: Mapped[int]
+    tokenizer_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("family", "seed"),)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(Text)
+    split: Mapped[str] = mapped_column(String(100), default="train")
+    text_field: Mapped[str] = mapped_column(String(100), default="text")
+    n_tokens: Mapped[int]
+    ctx_len: Mapped[int]
+    sample_seed: Mapped[int] = mapped_column(default=0)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    n_documents: Mapped[Optional[int]]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    """The jobs ledger: one row per run of a job on a (model, dataset) with a config."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(50))
+    model_id: Mapped[Optional[int]] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    dataset_id: Mapped[Optional[int]] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    other_model_id: Mapped[Optional[int]] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    shard: Mapped[Optional[str]] = mapped_column(String(100))  # e.g. "a0:512/b0:2" for correlation blocks
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    config_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20))  # running | done | failed | replaced
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    atlas_version: Mapped[str] = mapped_column(String(50))
+    n_rows: Mapped[Optional[int]]
+
+    __table_args__ = (Index("ix_jobs_lookup", "kind", "model_id", "dataset_id", "other_model_id", "status"),)
+
+
+# --- weights (no data) ---------------------------------------------------------------------------
+
+
+class Neuron(Base):
+    __tablename__ = "neurons"
+
+    model_id: Mapped[int] = _model_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    neuron: Mapped[int] = mapped_column(primary_key=True)
+    w_in_norm: Mapped[float] = mapped_column(Float)
+    w_gate_norm: Mapped[Optional[float]] = mapped_column(Float)
+    b_in: Mapped[Optional[float]] = mapped_column(Float)
+    w_out_norm: Mapped[float] = mapped_column(Float)
+    in_out_cos: Mapped[float] = mapped_column(Float)
+    l2_penalty: Mapped[float] = mapped_column(Float)
+    vocab_mean: Mapped[float] = mapped_column(Float)
+    vocab_var: Mapped[float] = mapped_column(Float)
+    vocab_skew: Mapped[Optional[float]] = mapped_column(Float)
+    vocab_kurt: Mapped[Optional[float]] = mapped_column(Float)
+    vocab_class: Mapped[str] = mapped_column(String(20))
+    job_id: Mapped[Optional[int]] = _job_fk()
+
+
+class NeuronVocab(Base):
+    __tablename__ = "neuron_vocab"
+
+    model_id: Mapped[int] = _model_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    neuron: Mapped[int] = mapped_column(primary_key=True)
+    direction: Mapped[str] = mapped_column(String(10), primary_key=True)  # 'top' | 'bottom'
+    rank: Mapped[int] = mapped_column(primary_key=True)
+    token_id: Mapped[int]
+    token: Mapped[str] = mapped_column(Text)
+    value: Mapped[float] = mapped_column(Float)
+
+
+# --- activations (one pass over a dataset) -------------------------------------------------------
+
+
+class ActivationStat(Base):
+    __tablename__ = "activation_stats"
+
+    model_id: Mapped[int] = _model_fk()
+    dataset_id: Mapped[int] = _dataset_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    neuron: Mapped[int] = mapped_column(primary_key=True)
+    n: Mapped[int]
+    mean: Mapped[float] = mapped_column(Float)
+    var: Mapped[float] = mapped_column(Float)
+    skew: Mapped[Optional[float]] = mapped_column(Float)
+    kurt: Mapped[Optional[float]] = mapped_column(Float)
+    max: Mapped[float] = mapped_column(Float)
+    min: Mapped[float] = mapped_column(Float)
+    frac_active: Mapped[float] = mapped_column(Float)
+    job_id: Mapped[Optional[int]] = _job_fk()
+
+
+class TopExample(Base):
+    __tablename__ = "top_examples"
+
+    model_id: Mapped[int] = _model_fk()
+    dataset_id: Mapped[int] = _dataset_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    neuron: Mapped[int] = mapped_column(primary_key=True)
+    rank: Mapped[int] = mapped_column(primary_key=True)
+    doc_index: Mapped[int]
+    position: Mapped[int]
+    activation: Mapped[float] = mapped_column(Float)
+    context_token_ids: Mapped[list[int]] = mapped_column(JSON)
+    context_tokens: Mapped[list[str]] = mapped_column(JSON)  # decoded strings, one per context token
+    highlight_index: Mapped[int]  # index of the firing token inside the context
+    context_activations: Mapped[Optional[list[float]]] = mapped_column(JSON)  # the neuron on every context token
+
+
+# --- cross-seed correlations ---------------------------------------------------------------------
+
+
+class NeuronCorrelation(Base):
+    __tablename__ = "neuron_correlations"
+
+    model_id: Mapped[int] = _model_fk()
+    other_model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    dataset_id: Mapped[int] = _dataset_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    neuron: Mapped[int] = mapped_column(primary_key=True)
+    max_corr: Mapped[Optional[float]] = mapped_column(Float)  # NULL: zero-variance neuron
+    partner_layer: Mapped[Optional[int]]
+    partner_neuron: Mapped[Optional[int]]
+    baseline_max_corr: Mapped[Optional[float]] = mapped_column(Float)
+    universal_threshold: Mapped[float] = mapped_column(Float, default=0.5)
+    job_id: Mapped[Optional[int]] = _job_fk()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# --- layer interventions, logit lens, layer statistics -------------------------------------------
+
+
+class LayerIntervention(Base):
+    __tablename__ = "layer_interventions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(10))  # 'none' | 'delete' | 'swap'
+    layer: Mapped[Optional[int]]  # NULL for 'none'; for a swap the first of the two blocks
+    n_positions: Mapped[int]
+    kl: Mapped[Optional[float]] = mapped_column(Float)
+    top1_agreement: Mapped[Optional[float]] = mapped_column(Float)
+    accuracy: Mapped[float] = mapped_column(Float)
+    accuracy_retention: Mapped[Optional[float]] = mapped_column(Float)
+    loss: Mapped[float] = mapped_column(Float)
+    loss_delta: Mapped[Optional[float]] = mapped_column(Float)
+    entropy: Mapped[float] = mapped_column(Float)
+    job_id: Mapped[Optional[int]] = _job_fk()
+
+    __table_args__ = (UniqueConstraint("model_id", "dataset_id", "kind", "layer"),)
+
+
+class LogitLens(Base):
+    __tablename__ = "logit_lens"
+
+    model_id: Mapped[int] = _model_fk()
+    dataset_id: Mapped[int] = _dataset_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)  # residual state: 0 = embeddings, l = after block l-1
+    kl_to_final: Mapped[float] = mapped_column(Float)
+    entropy_nats: Mapped[float] = mapped_column(Float)
+    entropy_bits: Mapped[float] = mapped_column(Float)
+    top1_agreement: Mapped[float] = mapped_column(Float)
+    accuracy: Mapped[float] = mapped_column(Float)
+    job_id: Mapped[Optional[int]] = _job_fk()
+
+
+class LayerStat(Base):
+    __tablename__ = "layer_stats"
+
+    model_id: Mapped[int] = _model_fk()
+    dataset_id: Mapped[int] = _dataset_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    attn_prev5: Mapped[Optional[float]] = mapped_column(Float)
+    attn_out_norm: Mapped[float] = mapped_column(Float)
+    mlp_out_norm: Mapped[float] = mapped_column(Float)
+    job_id: Mapped[Optional[int]] = _job_fk()
+
+
+# --- seed-family training ------------------------------------------------------------------------
+
+
+class TrainingRun(Base):
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    family: Mapped[str] = mapped_column(String(200))
+    seed: Mapped[int]
+    model_id: Mapped[Optional[int]] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    out_dir: Mapped[str] = mapped_column(Text)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    steps: Mapped[int]
+    tokens_seen: Mapped[int]
+    train_loss: Mapped[float] = mapped_column(Float)
+    heldout_loss: Mapped[float] = mapped_column(Float)
+    unigram_entropy: Mapped[Optional[float]] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("family", "seed"),)
+
+
+class TrainingCurve(Base):
+    __tablename__ = "training_curves"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(primary_key=True)
+    train_loss: Mapped[float] = mapped_column(Float)
+    heldout_loss: Mapped[Optional[float]] = mapped_column(Float)
