@@ -1,0 +1,173 @@
+"""The `atlas` command. Parses options, calls the library or a job, prints; errors are one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from atlas.errors import AtlasError
+
+app = typer.Typer(help="Neuron Atlas: an atlas of the MLP neurons of causal language models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+db_app = typer.Typer(help="Create and migrate the atlas database.", no_args_is_help=True)
+model_app = typer.Typer(help="Register and list models.", no_args_is_help=True)
+ingest_app = typer.Typer(help="Batch jobs that compute results into the database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(model_app, name="model")
+app.add_typer(ingest_app, name="ingest")
+
+out = Console()
+DB_HELP = "Database URL (sqlite:///file.db or postgresql://user@host/db). Default: $ATLAS_DATABASE_URL, else sqlite:///atlas.db."
+DbOption = typer.Option(None, "--db", help=DB_HELP, show_default=False)
+
+
+def open_store(db: str | None, **kwargs):
+    from atlas.store import Store
+
+    return Store(db, **kwargs)
+
+
+# --- db ------------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head", help="Target revision."), db: Optional[str] = DbOption) -> None:
+    """Apply migrations up to REVISION (default: the latest)."""
+    store = open_store(db, check=False)
+    store.upgrade(revision)
+    out.print(f"{store.display_url} is at revision {store.current_revision()}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = typer.Argument(..., help="Target revision ('base' drops every table)."),
+                 db: Optional[str] = DbOption) -> None:
+    """Revert migrations down to REVISION."""
+    store = open_store(db, check=False)
+    store.downgrade(revision)
+    out.print(f"{store.display_url} is at revision {store.current_revision() or 'base'}")
+
+
+@db_app.command("current")
+def db_current(db: Optional[str] = DbOption) -> None:
+    """Show the database's revision and the revision this atlas needs."""
+    from atlas.store.db import head_revision
+
+    store = open_store(db, check=False)
+    out.print(f"{store.display_url}: at {store.current_revision() or 'base'}, head is {head_revision()}")
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+@model_app.command("add")
+def model_add(
+    source: str = typer.Argument(..., help="Hugging Face hub id (e.g. EleutherAI/pythia-160m) or a local directory."),
+    family: str = typer.Option(..., "--family", help="Family: models that differ only by training seed."),
+    seed: int = typer.Option(..., "--seed", help="The model's training seed within its family."),
+    name: Optional[str] = typer.Option(None, "--name", help="Unique name (default: hub id or folder name)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    db: Optional[str] = DbOption,
+) -> None:
+    """Register a model: reads its config and weights once to record its shape and tokenizer."""
+    from atlas.registry import register_model
+
+    model, created = register_model(open_store(db), source, family=family, seed=seed, name=name, revision=revision)
+    verb = "registered" if created else "already registered"
+    out.print(f"{verb} {model.name}: {model.architecture}, {model.n_layers} layers x {model.d_mlp} neurons "
+              f"(family {model.family}, seed {model.seed})")
+
+
+@model_app.command("list")
+def model_list(family: Optional[str] = typer.Option(None, "--family", help="Only this family."),
+               db: Optional[str] = DbOption) -> None:
+    """List registered models."""
+    from atlas.registry import list_models
+
+    with open_store(db).session() as session:
+        models = list_models(session, family)
+    table = Table("name", "family", "seed", "architecture", "layers", "d_model", "d_mlp", "vocab", "source")
+    for m in models:
+        table.add_row(m.name, m.family, str(m.seed), m.architecture, str(m.n_layers), str(m.d_model),
+                      str(m.d_mlp), str(m.vocab_size), m.source)
+    out.print(table if models else "no models registered: run `atlas model add SOURCE --family F --seed S`")
+
+
+# --- ingest jobs: commands generated from each job's config dataclass ----------------------------
+
+
+def _option_name(field_name: str, default: Any) -> str:
+    flag = "--" + field_name.replace("_", "-")
+    if default is True:  # a default-on switch needs its off form
+        return f"{flag}/--no-{field_name.replace('_', '-')}"
+    return flag
+
+
+def command_from_config(config_cls: type, run: Callable[[Any, Any], None]) -> Callable[..., None]:
+    """A typer command whose options are the dataclass fields (help from field metadata) plus --db."""
+    hints = typing.get_type_hints(config_cls)
+    params = []
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        opt = typer.Option(default, _option_name(f.name, default), help=f.metadata.get("help", ""))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=hints[f.name]))
+    params.append(inspect.Parameter("db", inspect.Parameter.KEYWORD_ONLY, default=DbOption, annotation=Optional[str]))
+
+    def command(**kwargs: Any) -> None:
+        db = kwargs.pop("db")
+        run(config_cls(**kwargs), open_store(db))
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = config_cls.__doc__
+    return command
+
+
+def _register_jobs() -> None:
+    from ingest import JOBS
+
+    for name, (config_cls, run) in JOBS.items():
+        ingest_app.command(name, help=config_cls.__doc__)(command_from_config(config_cls, run))
+
+
+_register_jobs()
+
+
+# --- app -----------------------------------------------------------------------------------------
+
+
+@app.command("app")
+def run_app(db: Optional[str] = DbOption,
+            port: int = typer.Option(8501, "--port", help="Port to serve the app on.")) -> None:
+    """Open the atlas app (Streamlit) on the database."""
+    from atlas.store import resolve_url
+
+    url = resolve_url(db)
+    open_store(url)  # fail here, in one line, if the database is missing or not migrated
+    main_py = Path(__file__).resolve().parent.parent / "app" / "main.py"
+    env = {**os.environ, "ATLAS_DATABASE_URL": url}
+    out.print(f"Neuron Atlas app on http://localhost:{port} (database {url})")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(main_py), "--server.port", str(port),
+           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--db", url]
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+def main() -> None:
+    """Entry point: one-line errors and a non-zero exit code for anything a user can cause."""
+    try:
+        app()
+    except AtlasError as error:
+        Console(stderr=True).print(f"[red]error:[/] {error}", soft_wrap=True, highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

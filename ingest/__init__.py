@@ -1,0 +1,15 @@
+"""Batch ingest jobs: each module holds a typed config dataclass and `run(config, store)`.
+
+JOBS maps the `atlas ingest <name>` subcommand to (config class, run function); the CLI is generated
+from the config fields, so a job's options are declared once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ingest import weights
+
+JOBS: dict[str, tuple[type, Callable[[Any, Any], None]]] = {
+    "weights": (weights.WeightsConfig, weights.run),
+}

@@ -1,0 +1,126 @@
+"""Job `weights`: per-neuron weight statistics and vocabulary effects (no data needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from atlas.registry import resolve_models
+from atlas.store import Store
+from atlas.store.schema import Model, Neuron, NeuronVocab
+from ingest.options import MODEL_OR_FAMILY, OVERWRITE, option
+from ingest.progress import progress_bar
+from ingest.runner import JobKey, replace_rows, run_unit
+
+
+@dataclass
+class WeightsConfig:
+    """Weight statistics, vocabulary moments, class and top/bottom tokens of every neuron."""
+
+    model: str | None = MODEL_OR_FAMILY["model"]()
+    family: str | None = MODEL_OR_FAMILY["family"]()
+    overwrite: bool = OVERWRITE()
+    fold_final_norm: bool = option(True, "Fold the final norm's scale into W_U before the vocabulary cosines (paper).")
+    center: bool = option(True, "For LayerNorm models, centre W_U over the vocabulary and w_out over d_model (paper).")
+    top_k: int = option(20, "How many top and bottom vocabulary tokens to store per neuron.")
+    kurtosis_threshold: float = option(10.0, "Vocabulary kurtosis above which a neuron is prediction/suppression.")
+    variance_threshold: float = option(0.005, "Vocabulary variance above which a neuron is a partition neuron.")
+    chunk_mb: int = option(256, "Memory bound of one neurons x vocabulary chunk, in MiB.", run_option=True)
+
+
+@dataclass
+class LayerWeights:
+    """The arrays of one layer, ready for the store."""
+
+    neurons: dict[str, np.ndarray]
+    vocab: dict[str, np.ndarray]
+
+
+def analyse_layer(loaded, layer: int, config: WeightsConfig, token_strings: list[str]) -> LayerWeights:
+    """Pure computation for one block: the adapter says where the weights are, metrics do the math."""
+    from atlas.metrics.weights import classify, vocab_effects, weight_stats
+
+    adapter, model = loaded.adapter, loaded.model
+    block = adapter.blocks(model)[layer]
+    w_in, w_out, b_in, w_gate = adapter.w_in(block), adapter.w_out(block), adapter.b_in(block), adapter.w_gate(block)
+    stats = weight_stats(w_in, w_out, b_in)
+    if w_gate is not None:
+        stats["w_gate_norm"] = np.linalg.norm(w_gate.double().numpy(), axis=1)
+    vocab_size = len(token_strings)
+    unembed, _ = adapter.unembedding(model)
+    gamma = adapter.final_norm_scale(model) if config.fold_final_norm else None
+    effects = vocab_effects(
+        w_out, unembed[:, :vocab_size], gamma,  # padded vocabulary rows (Pythia) are not tokens
+        center=config.center and adapter.final_norm_kind == "layernorm",
+        top_k=config.top_k, max_chunk_bytes=config.chunk_mb << 20,
+    )
+    neurons = {
+        "layer": layer,
+        "neuron": np.arange(w_out.shape[0]),
+        **stats,
+        "vocab_mean": effects.mean, "vocab_var": effects.var, "vocab_skew": effects.skew, "vocab_kurt": effects.kurt,
+        "vocab_class": classify(effects.kurt, effects.skew, effects.var,
+                                kurt_threshold=config.kurtosis_threshold, var_threshold=config.variance_threshold),
+    }
+    return LayerWeights(neurons=neurons, vocab=_vocab_rows(layer, effects, token_strings))
+
+
+def _vocab_rows(layer: int, effects, token_strings: list[str]) -> dict[str, np.ndarray]:
+    d_mlp, k = effects.top_ids.shape
+    parts = []
+    for direction, ids, values in (("top", effects.top_ids, effects.top_values),
+                                   ("bottom", effects.bottom_ids, effects.bottom_values)):
+        parts.append({
+            "layer": np.full(d_mlp * k, layer),
+            "neuron": np.repeat(np.arange(d_mlp), k),
+            "direction": np.full(d_mlp * k, direction, dtype=object),
+            "rank": np.tile(np.arange(k), d_mlp),
+            "token_id": ids.reshape(-1),
+            "value": values.reshape(-1),
+        })
+    rows = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    rows["token"] = np.asarray(token_strings, dtype=object)[rows["token_id"]]
+    return rows
+
+
+def compute(model_row: Model, config: WeightsConfig) -> list[LayerWeights]:
+    from atlas.modeling import load_model
+
+    loaded = load_model(model_row.source, model_row.revision)
+    token_strings = [loaded.tokenizer.decode([i]) for i in range(len(loaded.tokenizer))]
+    with progress_bar() as bar:
+        task = bar.add_task(f"weights {model_row.name}", total=model_row.n_layers)
+        layers = []
+        for layer in range(model_row.n_layers):
+            layers.append(analyse_layer(loaded, layer, config, token_strings))
+            bar.advance(task)
+    return layers
+
+
+def _concat_column(values: list, shapes: list[tuple[int, ...]]):
+    """Per-layer arrays or per-layer scalars (the layer index; None for a missing bias) as one column."""
+    if all(v is None for v in values):
+        return None
+    return np.concatenate([np.broadcast_to(np.asarray(v), shape) for v, shape in zip(values, shapes)])
+
+
+def write(session, model_id: int, layers: list[LayerWeights], job_id: int) -> int:
+    neurons = {name: _concat_column([l.neurons[name] for l in layers], [l.neurons["neuron"].shape for l in layers])
+               for name in layers[0].neurons}
+    vocab = {name: np.concatenate([l.vocab[name] for l in layers]) for name in layers[0].vocab}
+    where = {"model_id": model_id}
+    replace_rows(session, NeuronVocab, where, vocab)
+    return replace_rows(session, Neuron, where, {**neurons, "job_id": job_id})
+
+
+def run(config: WeightsConfig, store: Store) -> None:
+    with store.session() as session:
+        models = resolve_models(session, config.model, config.family)
+    for model_row in models:
+        run_unit(
+            store, JobKey("weights", model_id=model_row.id), config,
+            compute=lambda m=model_row: compute(m, config),
+            write=lambda session, layers, job_id, m=model_row: write(session, m.id, layers, job_id),
+            overwrite=config.overwrite, label=f"weights {model_row.name}",
+        )
