@@ -1,0 +1,177 @@
+"""Seed-family training on a miniature GPT-2 and real standard-library docstrings."""
+
+from __future__ import annotations
+
+import ast
+import sysconfig
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from atlas.errors import AtlasError
+from atlas.training import (
+    TrainConfig,
+    pack_rows,
+    prepare_corpus,
+    split_documents,
+    train_bpe_tokenizer,
+    train_seed,
+    unigram_entropy,
+)
+
+CORPUS_BYTES = 120_000
+VOCAB_SIZE = 400
+MINI = TrainConfig(
+    layers=2, d_model=32, d_mlp=48, n_heads=2, ctx=32, steps=24, batch_size=8, lr=3e-3,
+    warmup_steps=4, eval_every=8, heldout_tokens=1024, max_seconds=None,
+)
+
+
+def stdlib_docstrings(max_bytes: int) -> list[str]:
+    """Docstrings of the standard library: atlas.data's corpus when importable, else read here."""
+    try:
+        from atlas.data.docstrings import iter_docstrings
+    except ImportError:  # atlas/data is being written in parallel; read the same text directly
+        return _read_stdlib_docstrings(max_bytes)
+    return list(iter_docstrings(max_bytes=max_bytes))
+
+
+def _read_stdlib_docstrings(max_bytes: int) -> list[str]:
+    texts, total = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        tree = ast.parse(path.read_bytes())
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                continue
+            text = ast.get_docstring(node)
+            if text and len(text) >= 32:
+                total += len(text.encode())
+                if total > max_bytes:
+                    return texts
+                texts.append(text)
+    return texts
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return stdlib_docstrings(CORPUS_BYTES)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(texts, tmp_path_factory):
+    return train_bpe_tokenizer(texts, VOCAB_SIZE, tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def corpus(texts, tokenizer):
+    return prepare_corpus(texts, tokenizer, ctx=MINI.ctx, heldout_fraction=0.1)
+
+
+@pytest.fixture(scope="module")
+def family(corpus, tokenizer, tmp_path_factory):
+    """Seed 1 twice and seed 2 once, on the same rows."""
+    root = tmp_path_factory.mktemp("family")
+    runs = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        result = train_seed(MINI, seed, corpus.train_rows, corpus.heldout_rows, root / name, tokenizer)
+        runs[name] = (result, load_file(root / name / "model.safetensors"), root / name)
+    return runs
+
+
+def test_tokenizer_is_deterministic_and_saved(texts, tokenizer, tmp_path):
+    again = train_bpe_tokenizer(texts, VOCAB_SIZE, tmp_path)
+    assert again.get_vocab() == tokenizer.get_vocab()
+    assert len(tokenizer) == VOCAB_SIZE
+    assert tokenizer.eos_token == tokenizer.bos_token == tokenizer.pad_token == "<|endoftext|>"
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    sample = texts[3]
+    assert loaded.decode(loaded(sample)["input_ids"]) == sample  # byte-level: lossless
+
+
+def test_tokenizer_rejects_a_vocabulary_smaller_than_the_bytes(texts, tmp_path):
+    with pytest.raises(AtlasError, match="vocab_size"):
+        train_bpe_tokenizer(texts, 100, tmp_path)
+
+
+def test_split_is_disjoint_and_independent_of_anything_but_the_texts(texts):
+    train, heldout = split_documents(texts, 0.1)
+    assert len(train) + len(heldout) == len(texts)
+    assert set(train).isdisjoint(heldout)
+    assert 0.05 < len(heldout) / len(texts) < 0.15
+    assert split_documents(texts, 0.1) == (train, heldout)
+    # a document's side depends on its text alone: not on the rest of the corpus, not on repeats
+    _, heldout_of_half = split_documents(texts[::2], 0.1)
+    assert set(heldout_of_half) == set(heldout) & set(texts[::2])
+    train_with_repeats, heldout_with_repeats = split_documents(texts + texts[:50], 0.1)
+    assert set(train_with_repeats).isdisjoint(heldout_with_repeats)
+
+
+def test_pack_rows_separates_documents_and_drops_the_tail():
+    documents = [np.array([5, 6, 7]), np.array([8, 9])]
+    rows = pack_rows(documents, ctx=3, separator_id=0)
+    np.testing.assert_array_equal(rows, [[0, 5, 6], [7, 0, 8]])
+
+
+def test_unigram_entropy_matches_a_direct_count():
+    train = np.array([[0, 1, 1, 2]])
+    heldout = np.array([[1, 2, 3]])
+    counts = np.array([1, 2, 1, 0]) + 1.0
+    expected = -np.mean(np.log(counts[[1, 2, 3]] / counts.sum()))
+    assert unigram_entropy(train, heldout, vocab_size=4) == pytest.approx(expected, rel=1e-12)
+
+
+def test_same_seed_gives_identical_weights(family):
+    _, weights_a, _ = family["a"]
+    _, weights_b, _ = family["b"]
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+    assert family["a"][0].curve == family["b"][0].curve
+
+
+def test_different_seeds_give_different_weights(family):
+    _, weights_a, _ = family["a"]
+    _, weights_c, _ = family["c"]
+    mlp_in = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.allclose(weights_a[mlp_in], weights_c[mlp_in])
+    assert family["a"][0].final_train_loss != family["c"][0].final_train_loss
+
+
+def test_loss_decreases_and_the_model_reloads(family, corpus, tokenizer):
+    result, _, directory = family["a"]
+    assert result.steps_done == MINI.steps and not result.hit_time_cap
+    assert [step for step, _, _ in result.curve] == [8, 16, 24]
+    first_heldout = result.curve[0][2]
+    assert result.heldout_loss < first_heldout
+    assert result.heldout_loss < np.log(len(tokenizer))  # better than uniform
+    assert result.tokens_per_second > 0
+    model = GPT2LMHeadModel.from_pretrained(directory)
+    assert model.config.n_inner == MINI.d_mlp and model.config.n_embd == MINI.d_model
+    assert AutoTokenizer.from_pretrained(directory).get_vocab() == tokenizer.get_vocab()
+
+
+def test_initial_loss_is_near_uniform_and_training_beats_it(family, tokenizer, corpus):
+    """The untrained model is near log(vocab); the trained one is well below its first eval."""
+    result, _, _ = family["c"]
+    uniform = np.log(len(tokenizer))
+    train_losses = [train for _, train, _ in result.curve]
+    assert train_losses[0] < uniform + 0.5
+    assert train_losses[-1] < train_losses[0] - 0.3
+
+
+def test_wall_clock_cap_stops_training(corpus, tokenizer, tmp_path):
+    capped = replace(MINI, steps=10_000, max_seconds=1.0)
+    result = train_seed(capped, 3, corpus.train_rows, corpus.heldout_rows, tmp_path, tokenizer)
+    assert result.hit_time_cap
+    assert 0 < result.steps_done < capped.steps
+    assert result.curve[-1][0] == result.steps_done
+
+
+def test_rows_of_the_wrong_width_are_rejected(corpus, tokenizer, tmp_path):
+    with pytest.raises(AtlasError, match="ctx"):
+        train_seed(MINI, 1, corpus.train_rows[:, :16], corpus.heldout_rows, tmp_path, tokenizer)
