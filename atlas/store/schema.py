@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, func, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -59,7 +59,7 @@ class Model(Base):
     d_mlp: Mapped[int]
     vocab_size: Mapped[int]
     tokenizer_hash: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
 
     __table_args__ = (UniqueConstraint("family", "seed"),)
 
@@ -77,7 +77,7 @@ class Dataset(Base):
     sample_seed: Mapped[int] = mapped_column(default=0)
     content_hash: Mapped[str] = mapped_column(String(64))
     n_documents: Mapped[Optional[int]]
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
 
 
 class Job(Base):
@@ -94,7 +94,7 @@ class Job(Base):
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     config_hash: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(20))  # running | done | failed | replaced
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     error: Mapped[Optional[str]] = mapped_column(Text)
     atlas_version: Mapped[str] = mapped_column(String(50))
@@ -174,7 +174,7 @@ class TopExample(Base):
     context_token_ids: Mapped[list[int]] = mapped_column(JSON)
     context_tokens: Mapped[list[str]] = mapped_column(JSON)  # decoded strings, one per context token
     highlight_index: Mapped[int]  # index of the firing token inside the context
-    context_activations: Mapped[Optional[list[float]]] = mapped_column(JSON)  # the neuron on every context token
+    context_activations: Mapped[Optional[list[float]]] = mapped_column(JSON(none_as_null=True))  # the neuron on every context token
 
 
 # --- cross-seed correlations ---------------------------------------------------------------------
@@ -194,7 +194,7 @@ class NeuronCorrelation(Base):
     baseline_max_corr: Mapped[Optional[float]] = mapped_column(Float)
     universal_threshold: Mapped[float] = mapped_column(Float, default=0.5)
     job_id: Mapped[Optional[int]] = _job_fk()
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
 
 
 # --- layer interventions, logit lens, layer statistics -------------------------------------------
@@ -265,7 +265,7 @@ class TrainingRun(Base):
     heldout_loss: Mapped[float] = mapped_column(Float)
     unigram_entropy: Mapped[Optional[float]] = mapped_column(Float)
     seconds: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
 
     __table_args__ = (UniqueConstraint("family", "seed"),)
 

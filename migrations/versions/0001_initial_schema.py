@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-24 15:24:41.989950
+Create Date: 2026-11-24 15:27:29.400742
 """
 from typing import Sequence, Union
 
@@ -30,7 +30,7 @@ def upgrade() -> None:
     sa.Column('sample_seed', sa.Integer(), nullable=False),
     sa.Column('content_hash', sa.String(length=64), nullable=False),
     sa.Column('n_documents', sa.Integer(), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_datasets')),
     sa.UniqueConstraint('name', name=op.f('uq_datasets_name'))
     )
@@ -47,7 +47,7 @@ def upgrade() -> None:
     sa.Column('d_mlp', sa.Integer(), nullable=False),
     sa.Column('vocab_size', sa.Integer(), nullable=False),
     sa.Column('tokenizer_hash', sa.String(length=64), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_models')),
     sa.UniqueConstraint('family', 'seed', name=op.f('uq_models_family_seed')),
     sa.UniqueConstraint('name', name=op.f('uq_models_name'))
@@ -65,7 +65,7 @@ def upgrade() -> None:
     sa.Column('config', sa.JSON(), nullable=False),
     sa.Column('config_hash', sa.String(length=64), nullable=False),
     sa.Column('status', sa.String(length=20), nullable=False),
-    sa.Column('started_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('started_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('atlas_version', sa.String(length=50), nullable=False),
@@ -102,7 +102,7 @@ def upgrade() -> None:
     sa.Column('context_token_ids', sa.JSON(), nullable=False),
     sa.Column('context_tokens', sa.JSON(), nullable=False),
     sa.Column('highlight_index', sa.Integer(), nullable=False),
-    sa.Column('context_activations', sa.JSON(), nullable=True),
+    sa.Column('context_activations', sa.JSON(none_as_null=True), nullable=True),
     sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], name=op.f('fk_top_examples_dataset_id_datasets'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['model_id'], ['models.id'], name=op.f('fk_top_examples_model_id_models'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('model_id', 'dataset_id', 'layer', 'neuron', 'rank', name=op.f('pk_top_examples'))
@@ -120,7 +120,7 @@ def upgrade() -> None:
     sa.Column('heldout_loss', sa.Float(), nullable=False),
     sa.Column('unigram_entropy', sa.Float(), nullable=True),
     sa.Column('seconds', sa.Float(), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.ForeignKeyConstraint(['model_id'], ['models.id'], name=op.f('fk_training_runs_model_id_models'), ondelete='SET NULL'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_training_runs')),
     sa.UniqueConstraint('family', 'seed', name=op.f('uq_training_runs_family_seed'))
@@ -205,7 +205,7 @@ def upgrade() -> None:
     sa.Column('baseline_max_corr', sa.Float(), nullable=True),
     sa.Column('universal_threshold', sa.Float(), nullable=False),
     sa.Column('job_id', sa.Integer(), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], name=op.f('fk_neuron_correlations_dataset_id_datasets'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_neuron_correlations_job_id_jobs'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['model_id'], ['models.id'], name=op.f('fk_neuron_correlations_model_id_models'), ondelete='CASCADE'),
