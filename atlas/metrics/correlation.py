@@ -1,0 +1,406 @@
+"""Streaming Pearson correlations between the neurons of two models on the same token positions.
+
+For a block of A's neurons (columns of xa) and a range of B's whole layers (columns of xb), the
+accumulator keeps, in float64: n, sums and sums of squares of both sides, the cross-product
+matrix X^T Y and (for the rotation baseline) the Gram matrix Y_l^T Y_l of every B layer.
+
+Exactness when |mean| >> std: every neuron is shifted by a fixed estimate of its mean (the
+first batch's, unless given) before anything is accumulated, so the sums hold small numbers and
+rho = (Sxy/n - mx my) / sqrt(var_x var_y) loses nothing to cancellation (the shift cancels
+exactly in covariances).
+
+Speed: the hot path is one float32 GEMM per batch (torch.addmm into a float32 buffer), the same
+work as a plain torch.matmul of the batch. The float32 buffer is added into the float64
+accumulator only every `flush_tokens` tokens, because the float64 add of an [n_a, n_b] matrix
+costs as much memory traffic as a short GEMM. Why that keeps rho within 1e-5 of a float64
+two-pass computation: the shifted data have |mean| of order std, so each float32 addition into
+the buffer rounds with a relative error of 6e-8 of a partial sum bounded (Cauchy-Schwarz) by
+sqrt(Sxx Syy); with the GEMM accumulating K-blocks of >= 64 tokens, flush_tokens = 16384 means at
+most a few hundred such roundings, whose random-walk sum stays near 1e-6 of sqrt(Sxx Syy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+import torch
+
+from atlas.errors import AtlasError
+from atlas.metrics._arrays import ArrayLike, as_float32_tensor
+
+DEFAULT_FLUSH_TOKENS = 16384
+
+
+class CorrelationAccumulator:
+    """Sufficient statistics for rho between n_a neurons of A and the given whole layers of B.
+
+    layer_sizes_b: the width of each B layer in this block (xb's columns are these layers, in
+    order); b_layers: their global layer indices (default 0..), used to name partners and to
+    seed each layer's rotation so that blocked and unblocked runs give the same baseline.
+    shift_a / shift_b: per-neuron shifts (mean estimates); default: the first batch's means.
+    track_gram: keep the per-layer Gram matrices of B (needed by rotated_baseline_max only).
+    """
+
+    def __init__(
+        self,
+        n_a: int,
+        layer_sizes_b: Sequence[int],
+        shift_a: ArrayLike | None = None,
+        shift_b: ArrayLike | None = None,
+        *,
+        b_layers: Sequence[int] | None = None,
+        track_gram: bool = True,
+        flush_tokens: int = DEFAULT_FLUSH_TOKENS,
+    ) -> None:
+        self.n_a = n_a
+        self.layer_sizes_b = [int(size) for size in layer_sizes_b]
+        self.n_b = sum(self.layer_sizes_b)
+        self.b_layers = list(range(len(self.layer_sizes_b))) if b_layers is None else [int(l) for l in b_layers]
+        if len(self.b_layers) != len(self.layer_sizes_b):
+            raise ValueError("b_layers and layer_sizes_b must have one entry per B layer")
+        self.track_gram = track_gram
+        self.flush_tokens = flush_tokens
+        self.n = 0
+        self.shift_a = None if shift_a is None else self._shift(shift_a, n_a, "shift_a")
+        self.shift_b = None if shift_b is None else self._shift(shift_b, self.n_b, "shift_b")
+        f64 = dict(dtype=torch.float64)
+        self.sum_a, self.sumsq_a = torch.zeros(n_a, **f64), torch.zeros(n_a, **f64)
+        self.sum_b, self.sumsq_b = torch.zeros(self.n_b, **f64), torch.zeros(self.n_b, **f64)
+        self.max_a, self.min_a = torch.full((n_a,), -np.inf), torch.full((n_a,), np.inf)
+        self.max_b, self.min_b = torch.full((self.n_b,), -np.inf), torch.full((self.n_b,), np.inf)
+        self.cross = torch.zeros(n_a, self.n_b, **f64)
+        self.grams = [torch.zeros(d, d, **f64) for d in self.layer_sizes_b] if track_gram else []
+        # float32 partial sums of the products since the last flush (allocated on first use)
+        self._pending_cross: torch.Tensor | None = None
+        self._pending_grams: list[torch.Tensor] = []
+        self._pending_tokens = 0
+
+    @staticmethod
+    def _shift(values: ArrayLike, size: int, name: str) -> torch.Tensor:
+        shift = as_float32_tensor(values).reshape(-1)
+        if shift.shape[0] != size:
+            raise ValueError(f"{name} has {shift.shape[0]} values for {size} neurons")
+        return shift.clone()
+
+    @staticmethod
+    def estimate_bytes(n_a: int, layer_sizes_b: Sequence[int], track_gram: bool = True) -> int:
+        """Memory held by an accumulator: float64 sums + float32 pending buffers (12 bytes each)."""
+        n_b = sum(layer_sizes_b)
+        matrices = n_a * n_b + (sum(d * d for d in layer_sizes_b) if track_gram else 0)
+        return 12 * matrices + 40 * (n_a + n_b)
+
+    # -- accumulation ----------------------------------------------------------------------
+    def update(self, xa: ArrayLike, xb: ArrayLike) -> None:
+        """Add one batch: xa [n, n_a] and xb [n, n_b] activations of the SAME n token positions."""
+        xa32, xb32 = as_float32_tensor(xa), as_float32_tensor(xb)
+        if xa32.ndim != 2 or xb32.ndim != 2 or xa32.shape[0] != xb32.shape[0]:
+            raise ValueError(f"xa {tuple(xa32.shape)} and xb {tuple(xb32.shape)} must be [n, features] with equal n")
+        if xa32.shape[1] != self.n_a or xb32.shape[1] != self.n_b:
+            raise ValueError(f"expected {self.n_a} A and {self.n_b} B columns, got {xa32.shape[1]} and {xb32.shape[1]}")
+        if xa32.shape[0] == 0:
+            return
+        if self.shift_a is None:
+            self.shift_a = xa32.mean(dim=0, dtype=torch.float64).float()
+        if self.shift_b is None:
+            self.shift_b = xb32.mean(dim=0, dtype=torch.float64).float()
+        ya, yb = xa32 - self.shift_a, xb32 - self.shift_b  # new tensors: inputs untouched
+        self._update_vectors(xa32, ya, self.sum_a, self.sumsq_a, self.max_a, self.min_a)
+        self._update_vectors(xb32, yb, self.sum_b, self.sumsq_b, self.max_b, self.min_b)
+        self._accumulate_products(ya, yb)
+        self.n += xa32.shape[0]
+
+    @staticmethod
+    def _update_vectors(raw, shifted, total, total_sq, maximum, minimum) -> None:
+        total += shifted.sum(dim=0, dtype=torch.float64)
+        total_sq += (shifted * shifted).sum(dim=0, dtype=torch.float64)
+        batch_min, batch_max = torch.aminmax(raw, dim=0)  # raw values: exact constancy test
+        torch.maximum(maximum, batch_max, out=maximum)
+        torch.minimum(minimum, batch_min, out=minimum)
+
+    def _accumulate_products(self, ya: torch.Tensor, yb: torch.Tensor) -> None:
+        layers = self._layer_columns(yb)
+        if self._pending_cross is None:
+            self._pending_cross = torch.empty(self.n_a, self.n_b)
+            self._pending_grams = [torch.empty(d, d) for d in self.layer_sizes_b] if self.track_gram else []
+        if self._pending_tokens == 0:  # overwrite the stale buffer instead of zeroing it
+            torch.mm(ya.T, yb, out=self._pending_cross)
+            for pending, layer in zip(self._pending_grams, layers):
+                torch.mm(layer.T, layer, out=pending)
+        else:
+            self._pending_cross.addmm_(ya.T, yb)
+            for pending, layer in zip(self._pending_grams, layers):
+                pending.addmm_(layer.T, layer)
+        self._pending_tokens += ya.shape[0]
+        if self._pending_tokens >= self.flush_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the float32 partial products into the float64 accumulators."""
+        if self._pending_tokens == 0:
+            return
+        self.cross += self._pending_cross
+        for gram, pending in zip(self.grams, self._pending_grams):
+            gram += pending
+        self._pending_tokens = 0
+
+    def _layer_columns(self, columns: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(columns, self.layer_sizes_b, dim=-1))
+
+    # -- statistics ------------------------------------------------------------------------
+    def _require_data(self) -> None:
+        if self.n == 0:
+            raise ValueError("no data accumulated yet")
+
+    def means_a(self) -> np.ndarray:
+        self._require_data()
+        return (self.sum_a / self.n + self.shift_a.double()).numpy()
+
+    def means_b(self) -> np.ndarray:
+        self._require_data()
+        return (self.sum_b / self.n + self.shift_b.double()).numpy()
+
+    def _variances(self, total, total_sq, maximum, minimum) -> torch.Tensor:
+        """Population variances, exactly 0 where the raw values never changed."""
+        mean = total / self.n
+        variance = (total_sq / self.n - mean * mean).clamp_min(0.0)
+        return torch.where(maximum == minimum, 0.0, variance)
+
+    def variances_a(self) -> np.ndarray:
+        self._require_data()
+        return self._variances(self.sum_a, self.sumsq_a, self.max_a, self.min_a).numpy()
+
+    def variances_b(self) -> np.ndarray:
+        self._require_data()
+        return self._variances(self.sum_b, self.sumsq_b, self.max_b, self.min_b).numpy()
+
+    def cross_covariance(self, rows: slice = slice(None), columns: slice = slice(None)) -> np.ndarray:
+        """Population covariance cov(A_i, B_j) for the given rows (A) and columns (B), float64."""
+        self._require_data()
+        self.flush()
+        mean_a, mean_b = self.sum_a[rows] / self.n, self.sum_b[columns] / self.n
+        covariance = self.cross[rows, columns] / self.n
+        covariance -= mean_a[:, None] * mean_b[None, :]
+        return covariance.numpy()
+
+    def layer_covariance(self, index: int) -> np.ndarray:
+        """Population covariance [d_l, d_l] of the block's B layer `index` (0-based within the block)."""
+        self._require_data()
+        if not self.track_gram:
+            raise ValueError("this accumulator was built with track_gram=False: no layer covariances")
+        self.flush()
+        start = sum(self.layer_sizes_b[:index])
+        mean = self.sum_b[start : start + self.layer_sizes_b[index]] / self.n
+        return (self.grams[index] / self.n - mean[:, None] * mean[None, :]).numpy()
+
+    def correlations(self, rows: slice = slice(None)) -> np.ndarray:
+        """rho [rows, n_b] float64; NaN where either neuron has zero variance."""
+        covariance = self.cross_covariance(rows)
+        scale = np.sqrt(np.outer(self.variances_a()[rows], self.variances_b()))
+        return _safe_ratio(covariance, scale)
+
+    def locate(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(global B layer, neuron within layer) of block columns; (-1, -1) for column -1."""
+        columns = np.asarray(columns)
+        starts = np.cumsum([0, *self.layer_sizes_b])
+        position = np.clip(np.searchsorted(starts, columns, side="right") - 1, 0, len(self.b_layers) - 1)
+        layers = np.asarray(self.b_layers)[position]
+        neurons = columns - starts[position]
+        missing = columns < 0
+        return np.where(missing, -1, layers), np.where(missing, -1, neurons)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The whole state as numpy arrays (np.savez-able). The big ones share memory with the
+        accumulator: write them out before the next update."""
+        self.flush()
+        empty = np.zeros(0, dtype=np.float32)
+        return {
+            "n": np.array(self.n, dtype=np.int64),
+            "layer_sizes_b": np.array(self.layer_sizes_b, dtype=np.int64),
+            "b_layers": np.array(self.b_layers, dtype=np.int64),
+            "track_gram": np.array(self.track_gram),
+            "flush_tokens": np.array(self.flush_tokens, dtype=np.int64),
+            "shift_a": empty if self.shift_a is None else self.shift_a.numpy(),
+            "shift_b": empty if self.shift_b is None else self.shift_b.numpy(),
+            "sum_a": self.sum_a.numpy(), "sumsq_a": self.sumsq_a.numpy(),
+            "sum_b": self.sum_b.numpy(), "sumsq_b": self.sumsq_b.numpy(),
+            "max_a": self.max_a.numpy(), "min_a": self.min_a.numpy(),
+            "max_b": self.max_b.numpy(), "min_b": self.min_b.numpy(),
+            "cross": self.cross.numpy(),
+            "grams": np.concatenate([g.numpy().reshape(-1) for g in self.grams]) if self.grams else empty.astype(np.float64),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, np.ndarray]) -> CorrelationAccumulator:
+        def tensor(key: str) -> torch.Tensor:
+            array = np.asarray(state[key])
+            return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+        layer_sizes = [int(d) for d in state["layer_sizes_b"]]
+        shift_a, shift_b = np.asarray(state["shift_a"]), np.asarray(state["shift_b"])
+        accumulator = cls(
+            int(np.asarray(state["cross"]).shape[0]), layer_sizes,
+            shift_a if shift_a.size else None, shift_b if shift_b.size else None,
+            b_layers=[int(l) for l in state["b_layers"]],
+            track_gram=bool(state["track_gram"]), flush_tokens=int(state["flush_tokens"]),
+        )
+        accumulator.n = int(state["n"])
+        for key in ("sum_a", "sumsq_a", "sum_b", "sumsq_b", "max_a", "min_a", "max_b", "min_b", "cross"):
+            setattr(accumulator, key, tensor(key))
+        if accumulator.track_gram:
+            flat = tensor("grams")
+            accumulator.grams = [g.reshape(d, d) for g, d in zip(torch.split(flat, [d * d for d in layer_sizes]), layer_sizes)]
+        return accumulator
+
+
+def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator clipped to [-1, 1]; NaN where the denominator is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(denominator > 0, numerator / denominator, np.nan)
+    return np.clip(ratio, -1.0, 1.0, out=ratio)
+
+
+# -- maxima ----------------------------------------------------------------------------------
+def _row_maxima(rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row max ignoring NaN columns; a row with no finite value gives (NaN, -1)."""
+    filled = np.where(np.isnan(rho), -np.inf, rho)
+    partner = np.argmax(filled, axis=1) if rho.shape[1] else np.zeros(rho.shape[0], dtype=np.int64)
+    best = filled[np.arange(rho.shape[0]), partner] if rho.shape[1] else np.full(rho.shape[0], -np.inf)
+    missing = np.isneginf(best)
+    return np.where(missing, np.nan, best), np.where(missing, -1, partner).astype(np.int64)
+
+
+def max_correlations(
+    source: Union[np.ndarray, CorrelationAccumulator], chunk_rows: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """(max_corr [n_a], partner column [n_a]) over B's neurons; computed in row chunks.
+
+    NaN columns (zero-variance B neurons) are ignored; a zero-variance A neuron gets NaN (never
+    0) and partner -1.
+    """
+    n_rows = source.n_a if isinstance(source, CorrelationAccumulator) else source.shape[0]
+    parts = []
+    for start in range(0, n_rows, chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        block = source.correlations(rows) if isinstance(source, CorrelationAccumulator) else np.asarray(source[rows], dtype=np.float64)
+        parts.append(_row_maxima(block))
+    if not parts:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def combine_maxima(values: Sequence[np.ndarray], *payloads: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Element-wise best over blocks covering different B layers for the same A neurons.
+
+    values[k] are the maxima of block k (NaN = no value); payloads (e.g. partner layer and
+    neuron per block) are taken from the winning block. Returns (values, *payloads).
+    """
+    stacked = np.stack([np.asarray(v, dtype=np.float64) for v in values])
+    filled = np.where(np.isnan(stacked), -np.inf, stacked)
+    winner = np.argmax(filled, axis=0)
+    columns = np.arange(stacked.shape[1])
+    best = filled[winner, columns]
+    chosen = [np.stack([np.asarray(p) for p in payload])[winner, columns] for payload in payloads]
+    return (np.where(np.isneginf(best), np.nan, best), *chosen)
+
+
+# -- rotation baseline -----------------------------------------------------------------------
+def random_orthogonal(d: int, seed: int | Sequence[int]) -> np.ndarray:
+    """A Haar-distributed orthogonal [d, d] matrix, reproducible from seed (int or int tuple).
+
+    QR of a seeded Gaussian matrix, with the columns' signs fixed by sign(diag(R)) so that the
+    distribution is exactly Haar (plain QR is biased by LAPACK's sign convention).
+    """
+    gaussian = np.random.default_rng(seed).standard_normal((d, d))
+    q, r = np.linalg.qr(gaussian)
+    signs = np.sign(np.diag(r))
+    signs[signs == 0] = 1.0
+    return q * signs[None, :]
+
+
+def layer_rotations(accumulator: CorrelationAccumulator, seed: int) -> list[np.ndarray]:
+    """The rotation of each of the block's B layers, seeded by (seed, global layer index)."""
+    return [random_orthogonal(d, (seed, layer)) for d, layer in zip(accumulator.layer_sizes_b, accumulator.b_layers)]
+
+
+def rotated_baseline_max(
+    accumulator: CorrelationAccumulator,
+    seed: int = 0,
+    *,
+    rotations: Sequence[np.ndarray] | None = None,
+    chunk_rows: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(max_corr, rotated column) of each A neuron against B with every layer rotated by R_l.
+
+    No second pass over the data: with C_l the cross-covariance block and S_l the covariance of
+    layer l, the rotated B neurons Y_l R_l have cov(A, Y_l R_l) = C_l R_l and variances
+    diag(R_l^T S_l R_l), so rho_rot = C_l R_l / sqrt(var_A * diag(R_l^T S_l R_l)).
+    """
+    rotations = layer_rotations(accumulator, seed) if rotations is None else list(rotations)
+    if len(rotations) != len(accumulator.layer_sizes_b):
+        raise ValueError("need one rotation per B layer of the block")
+    rotated_variances = [
+        np.einsum("ij,ij->j", accumulator.layer_covariance(index) @ rotation, rotation)
+        for index, rotation in enumerate(rotations)
+    ]
+    rotated_variances_all = np.concatenate(rotated_variances)
+    variances_a = accumulator.variances_a()
+    starts = np.cumsum([0, *accumulator.layer_sizes_b])
+    parts = []
+    for row_start in range(0, accumulator.n_a, chunk_rows):
+        rows = slice(row_start, row_start + chunk_rows)
+        covariance = np.concatenate([
+            accumulator.cross_covariance(rows, slice(starts[i], starts[i + 1])) @ rotation
+            for i, rotation in enumerate(rotations)
+        ], axis=1)
+        scale = np.sqrt(np.outer(variances_a[rows], rotated_variances_all.clip(min=0.0)))
+        parts.append(_row_maxima(_safe_ratio(covariance, scale)))
+    if not parts:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+# -- sharding --------------------------------------------------------------------------------
+def memory_blocks(
+    n_a: int, layer_sizes_b: Sequence[int], budget_bytes: int, track_gram: bool = True
+) -> list[tuple[slice, range]]:
+    """Split (A neurons) x (B layers) into blocks whose accumulators fit in budget_bytes.
+
+    Whole B layers are kept together (the rotation baseline needs them). All of A stays in one
+    block when a layer fits next to it, so each Gram matrix is computed once; otherwise A is cut
+    into equal slices. Blocks are listed B-layer group by group, A slices inside.
+    """
+    sizes = [int(d) for d in layer_sizes_b]
+    estimate = CorrelationAccumulator.estimate_bytes
+    widest = max(sizes, default=0)
+    if estimate(1, [widest], track_gram) > budget_bytes:
+        raise AtlasError(
+            f"memory budget of {budget_bytes} bytes cannot hold one B layer of {widest} neurons; "
+            f"raise the budget to at least {estimate(1, [widest], track_gram)} bytes"
+        )
+    a_slices = _equal_slices(n_a, _largest_a_slice(n_a, widest, budget_bytes, track_gram))
+    a_slice_size = max(s.stop - s.start for s in a_slices)
+    groups: list[range] = []
+    start = 0
+    for stop in range(1, len(sizes) + 1):
+        if estimate(a_slice_size, sizes[start:stop], track_gram) > budget_bytes:
+            groups.append(range(start, stop - 1))
+            start = stop - 1
+    if sizes:
+        groups.append(range(start, len(sizes)))
+    return [(a_slice, group) for group in groups for a_slice in a_slices]
+
+
+def _largest_a_slice(n_a: int, layer_size: int, budget_bytes: int, track_gram: bool) -> int:
+    """The most A neurons that fit in one block next to one B layer (estimate_bytes is linear in n_a)."""
+    fixed = CorrelationAccumulator.estimate_bytes(0, [layer_size], track_gram)
+    per_neuron = CorrelationAccumulator.estimate_bytes(1, [layer_size], track_gram) - fixed
+    return max(1, min(n_a, (budget_bytes - fixed) // per_neuron))
+
+
+def _equal_slices(total: int, max_size: int) -> list[slice]:
+    count = max(1, -(-total // max(max_size, 1)))
+    bounds = np.linspace(0, total, count + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -1,0 +1,218 @@
+"""CorrelationAccumulator and the rotation baseline against float64 two-pass numpy computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from atlas.errors import AtlasError
+from atlas.metrics.correlation import (
+    CorrelationAccumulator,
+    combine_maxima,
+    max_correlations,
+    memory_blocks,
+    random_orthogonal,
+    rotated_baseline_max,
+)
+
+N_TOKENS, N_A, LAYER_SIZES_B = 3000, 24, [8, 12, 8]
+N_B = sum(LAYER_SIZES_B)
+
+
+@pytest.fixture(scope="module")
+def activations() -> tuple[np.ndarray, np.ndarray]:
+    """float32 activations of two 'models' on the same positions, with correlated neurons,
+    neurons whose |mean| is 1000 * std, a GELU-like sparse one and constant (dead) ones."""
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal((N_TOKENS, 10))
+    xa = shared @ rng.standard_normal((10, N_A)) + 0.5 * rng.standard_normal((N_TOKENS, N_A))
+    xb = shared @ rng.standard_normal((10, N_B)) + 0.5 * rng.standard_normal((N_TOKENS, N_B))
+    xa[:, 0] = 1000.0 * xa[:, 0].std() + xa[:, 0]  # |mean| = 1000 * std
+    xb[:, 1] = -1000.0 * xb[:, 1].std() + xb[:, 1]
+    xa[:, 2] = np.maximum(xa[:, 2] - 2.0, 0.0)  # mostly zero
+    xa[:, 5] = 0.37  # dead A neuron
+    xb[:, 9] = -1.25  # dead B neuron (layer 1)
+    xb[:, 4] = xa[:, 3]  # an exact copy: rho == 1
+    return xa.astype(np.float32), xb.astype(np.float32)
+
+
+def _reference_rho(xa: np.ndarray, xb: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        full = np.corrcoef(xa.astype(np.float64), xb.astype(np.float64), rowvar=False)
+    return full[: xa.shape[1], xa.shape[1] :]
+
+
+def _accumulate(xa, xb, batch: int, **options) -> CorrelationAccumulator:
+    accumulator = CorrelationAccumulator(xa.shape[1], options.pop("layer_sizes_b", LAYER_SIZES_B), **options)
+    for start in range(0, xa.shape[0], batch):
+        accumulator.update(torch.from_numpy(xa[start : start + batch]), torch.from_numpy(xb[start : start + batch]))
+    return accumulator
+
+
+@pytest.mark.parametrize("batch,flush_tokens", [(64, 1), (257, 16384), (3000, 16384)])
+def test_rho_equals_float64_corrcoef(activations, batch, flush_tokens) -> None:
+    xa, xb = activations
+    rho = _accumulate(xa, xb, batch, flush_tokens=flush_tokens).correlations()
+    expected = _reference_rho(xa, xb)
+    assert rho.dtype == np.float64 and rho.shape == (N_A, N_B)
+    assert np.array_equal(np.isnan(rho), np.isnan(expected))
+    np.testing.assert_allclose(rho, expected, atol=1e-5, rtol=0)
+    assert abs(rho[3, 4] - 1.0) < 1e-6
+
+
+def test_shift_is_what_makes_large_means_exact(activations) -> None:
+    """Without the shift (shift = 0) the |mean| = 1000 * std neurons lose digits in float32."""
+    xa, xb = activations
+    zero_shift = _accumulate(xa, xb, 257, shift_a=np.zeros(N_A), shift_b=np.zeros(N_B)).correlations()
+    error = np.nanmax(np.abs(zero_shift - _reference_rho(xa, xb))[0])
+    assert error > 1e-3
+
+
+def test_zero_variance_gives_nan_never_zero(activations) -> None:
+    xa, xb = activations
+    accumulator = _accumulate(xa, xb, 500)
+    rho = accumulator.correlations()
+    assert np.isnan(rho[5]).all() and np.isnan(rho[:, 9]).all()
+    assert np.isfinite(np.delete(np.delete(rho, 5, axis=0), 9, axis=1)).all()
+    assert accumulator.variances_a()[5] == 0.0 and accumulator.variances_b()[9] == 0.0
+    best, partner = max_correlations(accumulator)
+    assert np.isnan(best[5]) and partner[5] == -1
+    assert (partner != 9).all()
+
+
+def test_max_correlations_equal_numpy_and_locate_partners(activations) -> None:
+    xa, xb = activations
+    accumulator = _accumulate(xa, xb, 400)
+    expected = _reference_rho(xa, xb)
+    live = np.arange(N_A) != 5
+    best, partner = max_correlations(accumulator, chunk_rows=5)
+    np.testing.assert_allclose(best[live], np.nanmax(expected[live], axis=1), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(partner[live], np.nanargmax(expected[live], axis=1))
+    np.testing.assert_array_equal(max_correlations(expected)[1][live], partner[live])
+    layers, neurons = accumulator.locate(np.array([0, 7, 8, 19, 20, 27, -1]))
+    assert layers.tolist() == [0, 0, 1, 1, 2, 2, -1] and neurons.tolist() == [0, 7, 0, 11, 0, 7, -1]
+
+
+def test_means_and_variances_equal_numpy(activations) -> None:
+    xa, xb = activations
+    accumulator = _accumulate(xa, xb, 700)
+    # the float32 shifted values round by ~6e-8 of |x - shift|: means are exact to 1e-6 std
+    xa64 = xa.astype(np.float64)
+    assert (np.abs(accumulator.means_a() - xa64.mean(axis=0)) <= 1e-6 * xa64.std(axis=0) + 1e-12).all()
+    np.testing.assert_allclose(accumulator.variances_b(), xb.astype(np.float64).var(axis=0), rtol=1e-6)
+
+
+def test_random_orthogonal_is_orthogonal_and_reproducible() -> None:
+    rotation = random_orthogonal(50, seed=3)
+    np.testing.assert_allclose(rotation.T @ rotation, np.eye(50), atol=1e-12)
+    np.testing.assert_array_equal(rotation, random_orthogonal(50, seed=3))
+    assert not np.allclose(rotation, random_orthogonal(50, seed=4))
+    assert not np.allclose(random_orthogonal(50, (3, 1)), random_orthogonal(50, (3, 2)))
+
+
+def test_random_orthogonal_is_haar_not_sign_biased() -> None:
+    """Plain QR of a Gaussian has diag(R) > 0 only by LAPACK convention; with the sign fix the
+    diagonal of Q is symmetric around 0 (its mean over many draws is ~0, not negative)."""
+    diagonals = np.array([np.diag(random_orthogonal(4, seed)) for seed in range(2000)])
+    assert abs(diagonals.mean()) < 0.03
+
+
+def test_rotated_baseline_equals_explicit_rotation(activations) -> None:
+    xa, xb = activations
+    accumulator = _accumulate(xa, xb, 300)
+    rotations = [random_orthogonal(d, (11, layer)) for layer, d in enumerate(LAYER_SIZES_B)]
+    starts = np.cumsum([0, *LAYER_SIZES_B])
+    xb64 = xb.astype(np.float64)
+    rotated = np.concatenate(
+        [xb64[:, starts[i] : starts[i + 1]] @ rotations[i] for i in range(len(LAYER_SIZES_B))], axis=1
+    )
+    expected = _reference_rho(xa, rotated)
+    best, partner = rotated_baseline_max(accumulator, seed=11)
+    live = np.arange(N_A) != 5
+    np.testing.assert_allclose(best[live], np.max(expected[live], axis=1), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(partner[live], np.argmax(expected[live], axis=1))
+    assert np.isnan(best[5]) and partner[5] == -1
+    explicit_best, _ = rotated_baseline_max(accumulator, rotations=rotations)
+    np.testing.assert_array_equal(explicit_best, best)
+
+
+def test_blocked_equals_unblocked(activations) -> None:
+    xa, xb = activations
+    whole = _accumulate(xa, xb, 500)
+    budget = CorrelationAccumulator.estimate_bytes(10, LAYER_SIZES_B[:2])
+    blocks = memory_blocks(N_A, LAYER_SIZES_B, budget)
+    assert len(blocks) > 2
+    starts = np.cumsum([0, *LAYER_SIZES_B])
+    covered = np.zeros((N_A, N_B), dtype=int)
+    rho = np.full((N_A, N_B), np.inf)
+    maxima, baselines = {}, {}
+    for a_slice, layers in blocks:
+        assert CorrelationAccumulator.estimate_bytes(a_slice.stop - a_slice.start, [LAYER_SIZES_B[l] for l in layers]) <= budget
+        columns = slice(starts[layers.start], starts[layers.stop])
+        block = _accumulate(
+            xa[:, a_slice], xb[:, columns], 500,
+            layer_sizes_b=[LAYER_SIZES_B[l] for l in layers], b_layers=list(layers),
+        )
+        covered[a_slice, columns] += 1
+        rho[a_slice, columns] = block.correlations()
+        best, partner = max_correlations(block)
+        layer, neuron = block.locate(partner)
+        maxima.setdefault(a_slice.start, []).append((best, layer, neuron))
+        baselines.setdefault(a_slice.start, []).append(rotated_baseline_max(block, seed=5)[0])
+    assert (covered == 1).all()
+    # equal up to the float32 GEMM's rounding, which depends on the matrix shapes (~1e-6)
+    np.testing.assert_allclose(rho, whole.correlations(), atol=1e-5, rtol=0)
+
+    combined = [combine_maxima(*map(list, zip(*parts))) for _, parts in sorted(maxima.items())]
+    best = np.concatenate([c[0] for c in combined])
+    whole_best, whole_partner = max_correlations(whole)
+    whole_layer, whole_neuron = whole.locate(whole_partner)
+    np.testing.assert_allclose(best, whole_best, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.concatenate([c[1] for c in combined]), whole_layer)
+    np.testing.assert_array_equal(np.concatenate([c[2] for c in combined]), whole_neuron)
+
+    baseline = np.concatenate([combine_maxima(parts)[0] for _, parts in sorted(baselines.items())])
+    np.testing.assert_allclose(baseline, rotated_baseline_max(whole, seed=5)[0], atol=1e-5, rtol=0)
+
+
+def test_memory_blocks_keep_layers_whole_and_refuse_tiny_budgets() -> None:
+    sizes = [3072] * 12
+    assert memory_blocks(36864, sizes, 10**13) == [(slice(0, 36864), range(0, 12))]
+    blocks = memory_blocks(36864, sizes, 4 << 30)
+    for a_slice, layers in blocks:
+        assert CorrelationAccumulator.estimate_bytes(a_slice.stop - a_slice.start, [sizes[l] for l in layers]) <= 4 << 30
+    assert all(a_slice == slice(0, 36864) for a_slice, _ in blocks)  # A is cut only when needed
+    assert [l for _, layers in blocks for l in layers] == list(range(12))
+    cut = memory_blocks(36864, sizes, 200 << 20)
+    assert len({a.start for a, _ in cut}) > 1 and all(len(layers) == 1 for _, layers in cut)
+    with pytest.raises(AtlasError, match="raise the budget"):
+        memory_blocks(36864, sizes, 1 << 20)
+
+
+def test_state_round_trip_continues_identically(activations, tmp_path) -> None:
+    xa, xb = activations
+    accumulator = CorrelationAccumulator(N_A, LAYER_SIZES_B, b_layers=[3, 4, 5])
+    accumulator.update(xa[:1000], xb[:1000])
+    np.savez(tmp_path / "shard.npz", **accumulator.state_dict())
+    restored = CorrelationAccumulator.from_state_dict(dict(np.load(tmp_path / "shard.npz")))
+    assert restored.b_layers == [3, 4, 5]
+    for accumulated in (accumulator, restored):
+        accumulated.update(xa[1000:], xb[1000:])
+    np.testing.assert_array_equal(restored.correlations(), accumulator.correlations())
+    np.testing.assert_array_equal(rotated_baseline_max(restored)[0], rotated_baseline_max(accumulator)[0])
+    np.testing.assert_allclose(restored.correlations(), _reference_rho(xa, xb), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_inputs_and_shape_errors(activations) -> None:
+    xa, xb = activations
+    accumulator = CorrelationAccumulator(N_A, LAYER_SIZES_B)
+    xa16, xb16 = torch.from_numpy(xa).bfloat16(), torch.from_numpy(xb).bfloat16()
+    accumulator.update(xa16, xb16)
+    np.testing.assert_allclose(
+        accumulator.correlations(), _reference_rho(xa16.float().numpy(), xb16.float().numpy()), atol=1e-5, rtol=0
+    )
+    with pytest.raises(ValueError, match="equal n"):
+        accumulator.update(xa[:5], xb[:6])
+    with pytest.raises(ValueError, match="B columns"):
+        accumulator.update(xa[:5], xb[:5, :-1])
