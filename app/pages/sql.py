@@ -1,0 +1,86 @@
+"""SQL console: read-only for real (see app.sql_guard and app.queries.execute_read_only)."""
+
+from __future__ import annotations
+
+import io
+
+import streamlit as st
+
+from app import connection, queries
+from atlas.errors import AtlasError
+
+ROW_LIMITS = [100, 1000, 10_000, 100_000]
+TIMEOUT_S = 15.0
+
+
+def render() -> None:
+    st.title("SQL")
+    st.caption(
+        "One read-only statement at a time (SELECT, WITH, VALUES, EXPLAIN, read-only PRAGMA). "
+        f"SQLite opens the file read-only; PostgreSQL runs a READ ONLY transaction; {TIMEOUT_S:g} s time limit."
+    )
+    engine = connection.console_engine()
+    editor, browser = st.columns([3, 1])
+    with browser:
+        _schema_browser(engine)
+    with editor:
+        example = st.selectbox("Example queries", list(queries.EXAMPLE_QUERIES), index=None,
+                               placeholder="Pick an example to load it into the editor")
+        if example is not None and st.session_state.get("sql_example") != example:
+            st.session_state["sql_example"] = example
+            st.session_state["sql_text"] = queries.EXAMPLE_QUERIES[example]
+        st.session_state.setdefault("sql_text", queries.EXAMPLE_QUERIES["Models and their sizes"])
+        sql = st.text_area("Query", key="sql_text", height=180)
+        row_limit = st.selectbox("Row limit", ROW_LIMITS, index=1)
+        if st.button("Run", type="primary"):
+            st.session_state["sql_result"] = _run(engine, sql, row_limit)
+        result = st.session_state.get("sql_result")
+        if result is not None:
+            _show_result(result)
+
+
+def _run(engine, sql: str, row_limit: int) -> queries.ConsoleResult | str:
+    try:
+        return queries.run_console_query(engine, sql, row_limit=row_limit, timeout_s=TIMEOUT_S)
+    except AtlasError as error:
+        return str(error)
+
+
+def _show_result(result: queries.ConsoleResult | str) -> None:
+    if isinstance(result, str):
+        st.error(result)
+        return
+    frame = result.frame
+    note = f" (stopped at the row limit of {len(frame)})" if result.truncated else ""
+    st.caption(f"{len(frame)} rows{note} in {result.seconds:.3f} s")
+    st.dataframe(frame, hide_index=True)
+    if frame.empty:
+        return
+    csv_column, parquet_column = st.columns(2)
+    csv_column.download_button("Download CSV", frame.to_csv(index=False).encode(), "atlas_query.csv", "text/csv")
+    parquet_column.download_button("Download Parquet", _parquet_bytes(frame), "atlas_query.parquet",
+                                   "application/vnd.apache.parquet")
+
+
+def _parquet_bytes(frame) -> bytes:
+    buffer = io.BytesIO()
+    # Mixed-type object columns (e.g. JSON text next to NULL) are written as text rather than refused.
+    safe = frame.copy()
+    for column in safe.columns[safe.dtypes == object]:
+        safe[column] = safe[column].map(lambda value: None if value is None else str(value))
+    safe.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def _schema_browser(engine) -> None:
+    st.subheader("Schema")
+    schema = queries.schema_columns(engine)
+    for kind in ("view", "table"):
+        objects = schema[schema["kind"] == kind]
+        st.caption(f"{kind.title()}s")
+        for name, columns in objects.groupby("object", sort=True):
+            with st.expander(name):
+                st.dataframe(columns[["column", "type"]], hide_index=True)
+
+
+render()

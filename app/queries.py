@@ -1,0 +1,446 @@
+"""Every SQL text the app runs, as functions that return pandas DataFrames.
+
+Pages call these and plot; nothing here knows Streamlit. One SQL text serves SQLite and
+PostgreSQL (no dialect branches except the console's read-only connection).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine, bindparam, create_engine, inspect, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from app.sql_guard import check_read_only_sql
+from atlas.errors import AtlasError
+from atlas.store.schema import Base
+
+REL_DEPTH = "CASE WHEN m.n_layers > 1 THEN CAST({layer} AS DOUBLE PRECISION) / (m.n_layers - 1) ELSE 0.0 END"
+
+
+def _frame(engine: Engine, sql: str, expanding: Sequence[str] = (), **params: Any) -> pd.DataFrame:
+    statement = text(sql)
+    if expanding:
+        statement = statement.bindparams(*(bindparam(name, expanding=True) for name in expanding))
+    with engine.connect() as conn:
+        return pd.read_sql_query(statement, conn, params=params)
+
+
+def _scalar(engine: Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(text(sql), params).scalar()
+
+
+def _json_list(value: Any) -> list | None:
+    """JSON columns come back as text on SQLite and as lists on PostgreSQL."""
+    if isinstance(value, list):
+        return value
+    if value is None or (isinstance(value, float) and np.isnan(value)):  # SQL NULL read into a float column
+        return None
+    return json.loads(value)
+
+
+# --- overview ------------------------------------------------------------------------------------
+
+
+def row_counts(engine: Engine) -> pd.DataFrame:
+    tables = [table.name for table in Base.metadata.sorted_tables]
+    union = " UNION ALL ".join(f"SELECT '{name}' AS table_name, COUNT(*) AS n_rows FROM {name}" for name in tables)
+    return _frame(engine, union)
+
+
+def families(engine: Engine) -> pd.DataFrame:
+    return _frame(engine, """
+        SELECT family, COUNT(*) AS n_seeds, MIN(architecture) AS architecture, MIN(n_layers) AS n_layers,
+               MIN(d_model) AS d_model, MIN(d_mlp) AS d_mlp, MIN(vocab_size) AS vocab_size
+        FROM models GROUP BY family ORDER BY family""")
+
+
+def family_names(engine: Engine) -> list[str]:
+    return families(engine)["family"].tolist()
+
+
+def models(engine: Engine, family: str | None = None) -> pd.DataFrame:
+    where = "WHERE family = :family" if family is not None else ""
+    return _frame(engine, f"""
+        SELECT id AS model_id, name, family, seed, architecture, n_layers, d_model, d_mlp, vocab_size,
+               source, revision, created_at
+        FROM models {where} ORDER BY family, seed""", family=family)
+
+
+def model_info(engine: Engine, name: str) -> dict[str, Any] | None:
+    frame = _frame(engine, "SELECT id AS model_id, name, family, seed, architecture, n_layers, d_model, d_mlp, "
+                           "vocab_size FROM models WHERE name = :name", name=name)
+    return None if frame.empty else frame.iloc[0].to_dict()
+
+
+def datasets(engine: Engine) -> pd.DataFrame:
+    return _frame(engine, """
+        SELECT name, source, split, n_tokens, ctx_len, n_documents, sample_seed, content_hash, created_at
+        FROM datasets ORDER BY name""")
+
+
+def jobs(engine: Engine, limit: int = 500) -> pd.DataFrame:
+    frame = _frame(engine, """
+        SELECT j.id, j.kind, m.name AS model, d.name AS dataset, o.name AS other_model, j.shard, j.status,
+               j.started_at, j.finished_at, j.n_rows, j.error, j.atlas_version
+        FROM jobs j
+        LEFT JOIN models m ON m.id = j.model_id
+        LEFT JOIN datasets d ON d.id = j.dataset_id
+        LEFT JOIN models o ON o.id = j.other_model_id
+        ORDER BY j.id DESC LIMIT :limit""", limit=limit)
+    started = pd.to_datetime(frame["started_at"], utc=True, format="mixed")
+    finished = pd.to_datetime(frame["finished_at"], utc=True, format="mixed")
+    frame.insert(frame.columns.get_loc("finished_at") + 1, "duration_s", (finished - started).dt.total_seconds())
+    return frame
+
+
+def job_status_counts(engine: Engine) -> pd.DataFrame:
+    return _frame(engine, "SELECT kind, status, COUNT(*) AS n_jobs FROM jobs GROUP BY kind, status ORDER BY kind, status")
+
+
+def training_runs(engine: Engine) -> pd.DataFrame:
+    return _frame(engine, """
+        SELECT family, seed, steps, tokens_seen, train_loss, heldout_loss, unigram_entropy, seconds, out_dir
+        FROM training_runs ORDER BY family, seed""")
+
+
+def training_curves(engine: Engine) -> pd.DataFrame:
+    """Long format: one row per (run, step, split) so a chart can dash train against held-out."""
+    return _frame(engine, """
+        SELECT r.family, r.seed, c.step, 'train' AS split, c.train_loss AS loss
+        FROM training_curves c JOIN training_runs r ON r.id = c.run_id
+        UNION ALL
+        SELECT r.family, r.seed, c.step, 'held-out' AS split, c.heldout_loss AS loss
+        FROM training_curves c JOIN training_runs r ON r.id = c.run_id
+        WHERE c.heldout_loss IS NOT NULL
+        ORDER BY 1, 2, 4, 3""")
+
+
+# --- neuron families -----------------------------------------------------------------------------
+
+
+def correlation_datasets(engine: Engine, family: str) -> list[str]:
+    frame = _frame(engine, """
+        SELECT DISTINCT d.name FROM neuron_correlations c
+        JOIN models m ON m.id = c.model_id JOIN datasets d ON d.id = c.dataset_id
+        WHERE m.family = :family ORDER BY d.name""", family=family)
+    return frame["name"].tolist()
+
+
+def stored_universal_threshold(engine: Engine, family: str) -> float | None:
+    value = _scalar(engine, """
+        SELECT MAX(c.universal_threshold) FROM neuron_correlations c JOIN models m ON m.id = c.model_id
+        WHERE m.family = :family""", family=family)
+    return None if value is None else float(value)
+
+
+def family_neurons(
+    engine: Engine,
+    family: str,
+    seeds: Sequence[int],
+    layers: tuple[int, int],
+    classes: Sequence[str],
+    dataset: str | None,
+    universal_threshold: float | None = None,
+    limit: int = 200_000,
+) -> pd.DataFrame:
+    """Neurons of a family with their vocabulary moments and (for `dataset`) their excess correlation.
+
+    universal_threshold: keep only neurons whose excess_corr exceeds it (None keeps all).
+    """
+    universal = "AND u.excess_corr > :threshold" if universal_threshold is not None else ""
+    return _frame(engine, f"""
+        SELECT m.name AS model, m.seed, n.layer, {REL_DEPTH.format(layer="n.layer")} AS rel_depth, n.neuron,
+               n.vocab_class, n.vocab_skew, n.vocab_kurt, n.vocab_var, n.w_out_norm, n.in_out_cos,
+               u.excess_corr, u.mean_max_corr, u.mean_baseline_corr
+        FROM neurons n
+        JOIN models m ON m.id = n.model_id
+        LEFT JOIN universal_neurons u
+             ON u.model_id = n.model_id AND u.layer = n.layer AND u.neuron = n.neuron AND u.dataset = :dataset
+        WHERE m.family = :family AND m.seed IN :seeds AND n.layer BETWEEN :lo AND :hi
+              AND n.vocab_class IN :classes {universal}
+        ORDER BY (u.excess_corr IS NULL), u.excess_corr DESC, m.seed, n.layer, n.neuron
+        LIMIT :limit""",
+        expanding=("seeds", "classes"), family=family, seeds=list(seeds), lo=layers[0], hi=layers[1],
+        classes=list(classes), dataset=dataset, threshold=universal_threshold, limit=limit)
+
+
+def vocab_classes(engine: Engine, family: str) -> list[str]:
+    frame = _frame(engine, """
+        SELECT DISTINCT n.vocab_class FROM neurons n JOIN models m ON m.id = n.model_id
+        WHERE m.family = :family ORDER BY n.vocab_class""", family=family)
+    return frame["vocab_class"].tolist()
+
+
+def class_counts_by_depth(engine: Engine, family: str) -> pd.DataFrame:
+    """Prediction and suppression neurons per layer and seed (the universal-neurons paper's Figure 6)."""
+    return _frame(engine, f"""
+        SELECT m.seed, m.name AS model, n.layer, {REL_DEPTH.format(layer="n.layer")} AS rel_depth,
+               COUNT(*) AS n_neurons,
+               SUM(CASE WHEN n.vocab_class = 'prediction' THEN 1 ELSE 0 END) AS n_prediction,
+               SUM(CASE WHEN n.vocab_class = 'suppression' THEN 1 ELSE 0 END) AS n_suppression
+        FROM neurons n JOIN models m ON m.id = n.model_id
+        WHERE m.family = :family
+        GROUP BY m.seed, m.name, n.layer, m.n_layers ORDER BY m.seed, n.layer""", family=family)
+
+
+def universal_fraction_by_layer(engine: Engine, family: str, dataset: str, threshold: float) -> pd.DataFrame:
+    return _frame(engine, f"""
+        SELECT u.seed, u.model, u.layer, {REL_DEPTH.format(layer="u.layer")} AS rel_depth,
+               COUNT(*) AS n_neurons,
+               SUM(CASE WHEN u.excess_corr > :threshold THEN 1 ELSE 0 END) AS n_universal,
+               CAST(SUM(CASE WHEN u.excess_corr > :threshold THEN 1 ELSE 0 END) AS DOUBLE PRECISION) / COUNT(*)
+                   AS universal_fraction
+        FROM universal_neurons u JOIN models m ON m.id = u.model_id
+        WHERE u.family = :family AND u.dataset = :dataset
+        GROUP BY u.seed, u.model, u.layer, m.n_layers ORDER BY u.seed, u.layer""",
+        family=family, dataset=dataset, threshold=threshold)
+
+
+# --- neuron card ---------------------------------------------------------------------------------
+
+
+def neuron_weights(engine: Engine, model: str, layer: int, neuron: int) -> dict[str, Any] | None:
+    frame = _frame(engine, """
+        SELECT n.w_in_norm, n.w_gate_norm, n.b_in, n.w_out_norm, n.in_out_cos, n.l2_penalty,
+               n.vocab_mean, n.vocab_var, n.vocab_skew, n.vocab_kurt, n.vocab_class
+        FROM neurons n JOIN models m ON m.id = n.model_id
+        WHERE m.name = :model AND n.layer = :layer AND n.neuron = :neuron""",
+        model=model, layer=layer, neuron=neuron)
+    return None if frame.empty else frame.iloc[0].to_dict()
+
+
+def neuron_vocab(engine: Engine, model: str, layer: int, neuron: int, per_direction: int = 20) -> pd.DataFrame:
+    frame = _frame(engine, """
+        SELECT v.direction, v.rank, v.token_id, v.token, v.value
+        FROM neuron_vocab v JOIN models m ON m.id = v.model_id
+        WHERE m.name = :model AND v.layer = :layer AND v.neuron = :neuron
+        ORDER BY v.direction DESC, v.rank""", model=model, layer=layer, neuron=neuron)
+    return frame.groupby("direction", sort=False).head(per_direction).reset_index(drop=True)
+
+
+def activation_stats(engine: Engine, model: str, layer: int, neuron: int) -> pd.DataFrame:
+    return _frame(engine, """
+        SELECT d.name AS dataset, a.n, a.mean, a.var, a.skew, a.kurt, a.max, a.min, a.frac_active
+        FROM activation_stats a JOIN models m ON m.id = a.model_id JOIN datasets d ON d.id = a.dataset_id
+        WHERE m.name = :model AND a.layer = :layer AND a.neuron = :neuron ORDER BY d.name""",
+        model=model, layer=layer, neuron=neuron)
+
+
+def top_examples(engine: Engine, model: str, layer: int, neuron: int, dataset: str | None = None,
+                 limit: int = 20) -> pd.DataFrame:
+    """Top-activating contexts; context_tokens / context_activations come back as Python lists."""
+    where_dataset = "AND d.name = :dataset" if dataset is not None else ""
+    frame = _frame(engine, f"""
+        SELECT d.name AS dataset, t.rank, t.doc_index, t.position, t.activation, t.context_tokens,
+               t.highlight_index, t.context_activations
+        FROM top_examples t JOIN models m ON m.id = t.model_id JOIN datasets d ON d.id = t.dataset_id
+        WHERE m.name = :model AND t.layer = :layer AND t.neuron = :neuron {where_dataset}
+        ORDER BY d.name, t.rank LIMIT :limit""",
+        model=model, layer=layer, neuron=neuron, dataset=dataset, limit=limit)
+    for column in ("context_tokens", "context_activations"):
+        frame[column] = frame[column].map(_json_list).astype(object)
+    return frame
+
+
+def correlation_partners(engine: Engine, model: str, layer: int, neuron: int) -> pd.DataFrame:
+    """The best-correlated neuron in every other seed, with its class."""
+    return _frame(engine, """
+        SELECT o.name AS other_model, o.seed AS other_seed, d.name AS dataset, c.max_corr, c.baseline_max_corr,
+               c.partner_layer, c.partner_neuron, p.vocab_class AS partner_class
+        FROM neuron_correlations c
+        JOIN models m ON m.id = c.model_id
+        JOIN models o ON o.id = c.other_model_id
+        JOIN datasets d ON d.id = c.dataset_id
+        LEFT JOIN neurons p ON p.model_id = c.other_model_id AND p.layer = c.partner_layer
+             AND p.neuron = c.partner_neuron
+        WHERE m.name = :model AND c.layer = :layer AND c.neuron = :neuron
+        ORDER BY d.name, o.seed""", model=model, layer=layer, neuron=neuron)
+
+
+def universal_scores(engine: Engine, model: str, layer: int, neuron: int) -> pd.DataFrame:
+    return _frame(engine, """
+        SELECT dataset, n_other_seeds, mean_max_corr, mean_baseline_corr, excess_corr, universal_threshold
+        FROM universal_neurons WHERE model = :model AND layer = :layer AND neuron = :neuron ORDER BY dataset""",
+        model=model, layer=layer, neuron=neuron)
+
+
+# --- compare seeds -------------------------------------------------------------------------------
+
+
+def families_with_correlations(engine: Engine) -> list[str]:
+    frame = _frame(engine, """
+        SELECT DISTINCT m.family FROM neuron_correlations c JOIN models m ON m.id = c.model_id ORDER BY m.family""")
+    return frame["family"].tolist()
+
+
+def correlated_models(engine: Engine, family: str, dataset: str) -> list[str]:
+    frame = _frame(engine, """
+        SELECT DISTINCT m.name, m.seed FROM neuron_correlations c
+        JOIN models m ON m.id = c.model_id JOIN datasets d ON d.id = c.dataset_id
+        WHERE m.family = :family AND d.name = :dataset ORDER BY m.seed""", family=family, dataset=dataset)
+    return frame["name"].tolist()
+
+
+def ranked_by_excess(engine: Engine, model: str, dataset: str, limit: int = 100) -> pd.DataFrame:
+    return _frame(engine, """
+        SELECT layer, neuron, excess_corr, mean_max_corr, mean_baseline_corr, n_other_seeds
+        FROM universal_neurons WHERE model = :model AND dataset = :dataset AND excess_corr IS NOT NULL
+        ORDER BY excess_corr DESC, layer, neuron LIMIT :limit""", model=model, dataset=dataset, limit=limit)
+
+
+def count_above_threshold(engine: Engine, model: str, dataset: str, threshold: float) -> tuple[int, int]:
+    frame = _frame(engine, """
+        SELECT COUNT(*) AS n_neurons, SUM(CASE WHEN excess_corr > :threshold THEN 1 ELSE 0 END) AS n_above
+        FROM universal_neurons WHERE model = :model AND dataset = :dataset""",
+        model=model, dataset=dataset, threshold=threshold)
+    row = frame.iloc[0]
+    return int(row["n_above"] or 0), int(row["n_neurons"] or 0)
+
+
+def max_corr_histogram(engine: Engine, model: str, dataset: str, bins: int = 50) -> pd.DataFrame:
+    """Counts of max_corr and of the rotation baseline's max_corr over the same bins (long format)."""
+    frame = _frame(engine, """
+        SELECT c.max_corr, c.baseline_max_corr
+        FROM neuron_correlations c JOIN models m ON m.id = c.model_id JOIN datasets d ON d.id = c.dataset_id
+        WHERE m.name = :model AND d.name = :dataset""", model=model, dataset=dataset)
+    values = {"max correlation": frame["max_corr"].dropna().to_numpy(float),
+              "rotation baseline": frame["baseline_max_corr"].dropna().to_numpy(float)}
+    present = np.concatenate(list(values.values()))
+    if present.size == 0:
+        return pd.DataFrame(columns=["series", "bin_start", "bin_end", "count"])
+    lowest = min(0.0, float(np.floor(present.min() * 10) / 10))
+    edges = np.linspace(lowest, 1.0, bins + 1)
+    parts = []
+    for series, data in values.items():
+        counts, _ = np.histogram(data, bins=edges)
+        parts.append(pd.DataFrame({"series": series, "bin_start": edges[:-1], "bin_end": edges[1:], "count": counts}))
+    return pd.concat(parts, ignore_index=True)
+
+
+# --- layers --------------------------------------------------------------------------------------
+
+
+def layer_profile_datasets(engine: Engine, family: str) -> list[str]:
+    frame = _frame(engine, "SELECT DISTINCT dataset FROM layer_profile WHERE family = :family ORDER BY dataset",
+                   family=family)
+    return frame["dataset"].tolist()
+
+
+def layer_profile(engine: Engine, family: str, dataset: str) -> pd.DataFrame:
+    return _frame(engine, """
+        SELECT * FROM layer_profile WHERE family = :family AND dataset = :dataset ORDER BY seed, layer""",
+        family=family, dataset=dataset)
+
+
+def families_with_layer_profile(engine: Engine) -> list[str]:
+    return _frame(engine, "SELECT DISTINCT family FROM layer_profile ORDER BY family")["family"].tolist()
+
+
+# --- SQL console ---------------------------------------------------------------------------------
+
+EXAMPLE_QUERIES: dict[str, str] = {
+    "Models and their sizes": "SELECT name, family, seed, architecture, n_layers, d_model, d_mlp, vocab_size\n"
+                              "FROM models ORDER BY family, seed",
+    "Neuron classes per model": "SELECT model, vocab_class, COUNT(*) AS n_neurons\nFROM neuron_atlas\n"
+                                "GROUP BY model, vocab_class ORDER BY model, vocab_class",
+    "Most universal neurons": "SELECT model, layer, neuron, excess_corr, mean_max_corr, mean_baseline_corr\n"
+                              "FROM universal_neurons\nORDER BY excess_corr DESC\nLIMIT 50",
+    "Highest vocabulary kurtosis": "SELECT model, layer, neuron, vocab_kurt, vocab_skew, vocab_class\n"
+                                   "FROM neuron_atlas\nORDER BY vocab_kurt DESC\nLIMIT 50",
+    "Layer profile (Stages of Inference)": "SELECT model, layer, rel_depth, delete_kl, swap_kl, delete_retention,\n"
+                                           "       lens_kl, lens_entropy_bits, attn_prev5, mlp_out_norm\n"
+                                           "FROM layer_profile ORDER BY model, layer",
+    "Jobs ledger": "SELECT id, kind, status, started_at, finished_at, n_rows, error\nFROM jobs ORDER BY id DESC",
+    "Top tokens of a neuron": "SELECT m.name, v.direction, v.rank, v.token, v.value\n"
+                              "FROM neuron_vocab v JOIN models m ON m.id = v.model_id\n"
+                              "WHERE v.layer = 0 AND v.neuron = 0\nORDER BY m.name, v.direction DESC, v.rank",
+}
+
+
+@dataclass(frozen=True)
+class ConsoleResult:
+    frame: pd.DataFrame
+    truncated: bool  # more rows than the row limit existed
+    seconds: float
+    statement: str
+
+
+def console_engine(url: str, shared_engine: Engine) -> Engine:
+    """SQLite: a separate engine on the file opened read-only. PostgreSQL: the shared engine (each
+    console query runs in its own READ ONLY transaction, see execute_read_only)."""
+    if shared_engine.dialect.name != "sqlite":
+        return shared_engine
+    path = make_url(url).database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        raise AtlasError("the SQL console needs an SQLite database file: use --db sqlite:///path/to/atlas.db")
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+
+    def connect() -> sqlite3.Connection:
+        connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        connection.execute("PRAGMA query_only = ON")  # also covers databases a statement might attach
+        return connection
+
+    return create_engine("sqlite://", creator=connect, poolclass=NullPool)
+
+
+def execute_read_only(engine: Engine, statement: str, row_limit: int, timeout_s: float) -> ConsoleResult:
+    """Run one statement on a read-only connection, with a time limit, keeping at most row_limit rows.
+
+    No guard here: this is the database-level protection (tested on its own) that the guard sits on.
+    """
+    started = time.perf_counter()
+    dbapi_error = engine.dialect.dbapi.Error
+    is_sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        cursor = raw.cursor()
+        try:
+            if is_sqlite:
+                deadline = started + timeout_s
+                raw.set_progress_handler(lambda: int(time.perf_counter() > deadline), 10_000)
+            else:
+                cursor.execute("SET TRANSACTION READ ONLY")
+                cursor.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout_s * 1000))}")
+            cursor.execute(statement)  # no parameters: '%' in LIKE patterns stays literal for psycopg
+            columns = [column[0] for column in cursor.description or []]
+            rows = cursor.fetchmany(row_limit + 1) if columns else []
+        except dbapi_error as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if is_sqlite and "interrupted" in message:
+                message = f"stopped after the {timeout_s:g} s time limit"
+            raise AtlasError(f"query failed: {message}") from None
+        finally:
+            cursor.close()
+            raw.rollback()
+            if is_sqlite:
+                raw.set_progress_handler(None, 0)
+    frame = pd.DataFrame.from_records(rows[:row_limit], columns=columns)
+    return ConsoleResult(frame, len(rows) > row_limit, time.perf_counter() - started, statement)
+
+
+def run_console_query(engine: Engine, sql: str, row_limit: int = 1000, timeout_s: float = 10.0) -> ConsoleResult:
+    """The console's execution path: the guard (raises SqlRefused), then the read-only execution."""
+    return execute_read_only(engine, check_read_only_sql(sql), row_limit, timeout_s)
+
+
+def schema_columns(engine: Engine) -> pd.DataFrame:
+    """Tables and views with their columns, for the schema browser."""
+    inspector = inspect(engine)
+    records = []
+    for kind, names in (("table", inspector.get_table_names()), ("view", inspector.get_view_names())):
+        for name in sorted(names):
+            for column in inspector.get_columns(name):
+                records.append({"object": name, "kind": kind, "column": column["name"],
+                                "type": str(column["type"]), "nullable": column.get("nullable")})
+    return pd.DataFrame.from_records(records, columns=["object", "kind", "column", "type", "nullable"])
