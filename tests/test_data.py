@@ -326,3 +326,17 @@ def test_context_window_is_clipped_to_the_row(tokenizer):
 def test_bad_build_options_are_errors(tokenizer):
     assert "ctx_len" in one_line_error(lambda: TokenizedDataset.build(["a"], tokenizer, n_tokens=10, ctx_len=1))
     assert "n_tokens" in one_line_error(lambda: TokenizedDataset.build(["a"], tokenizer, n_tokens=0, ctx_len=8))
+
+
+def test_chunked_encoding_gives_the_same_rows(tokenizer, monkeypatch, tmp_path):
+    import atlas.data.tokens as tokens
+
+    documents = paragraphs(50) + ["with <|eos|> inside"] * 3
+    whole = TokenizedDataset.build(documents, tokenizer, n_tokens=900, ctx_len=20, sample_seed=5)
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path / "chunked"))
+    monkeypatch.setattr(tokens, "ENCODE_CHUNK_DOCS", 7)
+    chunked = TokenizedDataset.build(documents, tokenizer, n_tokens=900, ctx_len=20, sample_seed=5)
+    assert not chunked.from_cache and chunked.meta == whole.meta
+    assert np.array_equal(chunked.ids, whole.ids) and np.array_equal(chunked.doc_indices, whole.doc_indices)
+    stat_positions = sum(int(batch.stat_mask.sum()) for batch in chunked.batches(4))
+    assert stat_positions == chunked.n_stat_positions

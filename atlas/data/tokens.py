@@ -37,7 +37,10 @@ from atlas.errors import AtlasError
 
 FORMAT_VERSION = 1
 DEFAULT_SHUFFLE_BUFFER = 10_000
-ENCODE_CHUNK_DOCS = 128   # documents per batch-encoding call: enough for the Rust tokenizer's threads
+# Documents per batch-encoding call: large batches let the Rust tokenizer's threads share the
+# work; the byte bound limits the encoding wasted past n_tokens (at most one chunk).
+ENCODE_CHUNK_DOCS = 1024
+ENCODE_CHUNK_BYTES = 1 << 20
 ROW_DTYPE = np.dtype("<i4")
 log = logging.getLogger(__name__)
 
@@ -238,13 +241,15 @@ def shuffled(documents: Iterable[str], seed: int | None, buffer_size: int) -> It
         yield buffer[slot]
 
 
-def _chunks(items: Iterator[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
+def _chunks(items: Iterator[tuple[int, str]]) -> Iterator[list[tuple[int, str]]]:
     chunk: list[tuple[int, str]] = []
+    n_chars = 0
     for item in items:
         chunk.append(item)
-        if len(chunk) == size:
+        n_chars += len(item[1])
+        if len(chunk) == ENCODE_CHUNK_DOCS or n_chars >= ENCODE_CHUNK_BYTES:
             yield chunk
-            chunk = []
+            chunk, n_chars = [], 0
     if chunk:
         yield chunk
 
@@ -275,7 +280,7 @@ def _write_rows(
     capacity = ctx_len - (bos is not None)
     counts, lengths, doc_indices = _RowCounts(), [], []
     with open(staging / "ids.bin", "wb") as raw:
-        for chunk in _chunks(shuffled(documents, seed, buffer_size), ENCODE_CHUNK_DOCS):
+        for chunk in _chunks(shuffled(documents, seed, buffer_size)):
             encodings = encoder.encode_batch([text for _, text in chunk], add_special_tokens=False)
             rows = np.full((len(chunk), ctx_len), pad, dtype=ROW_DTYPE)
             n_written = 0
@@ -294,10 +299,12 @@ def _write_rows(
                 n_written += 1
                 counts.n_rows += 1
                 counts.n_tokens += len(row)
-                counts.n_special_positions += int(np.isin(row, special).sum())
                 lengths.append(len(row))
                 doc_indices.append(doc_index)
-            raw.write(rows[:n_written].tobytes())
+            rows = rows[:n_written]
+            real = np.arange(ctx_len) < np.array(lengths[len(lengths) - n_written:])[:, None]
+            counts.n_special_positions += int((np.isin(rows, special) & real).sum())
+            raw.write(rows.tobytes())
             if counts.n_tokens >= n_tokens:
                 break
     if counts.n_rows == 0:
