@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from atlas.errors import AtlasError
+from atlas.training.train import lr_at
 from atlas.training import (
     TrainConfig,
     pack_rows,
@@ -175,3 +176,17 @@ def test_wall_clock_cap_stops_training(corpus, tokenizer, tmp_path):
 def test_rows_of_the_wrong_width_are_rejected(corpus, tokenizer, tmp_path):
     with pytest.raises(AtlasError, match="ctx"):
         train_seed(MINI, 1, corpus.train_rows[:, :16], corpus.heldout_rows, tmp_path, tokenizer)
+
+
+def test_schedule_warms_up_then_decays_by_step_or_by_the_time_budget():
+    config = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, max_seconds=50.0)
+    assert lr_at(config, 0, 0.0) == pytest.approx(0.1)
+    assert lr_at(config, 9, 40.0) == pytest.approx(1.0)  # warmup follows the step alone
+    assert lr_at(config, 10, 0.0) == pytest.approx(1.0)
+    assert lr_at(config, 55, 0.0) == pytest.approx(0.55)  # half-way: mid-point of the cosine
+    assert lr_at(config, 99, 0.0) == pytest.approx(0.1, abs=1e-3)
+    # a run behind its time budget follows the clock: 55% of max_seconds = step 55's rate
+    assert lr_at(config, 20, 27.5) == pytest.approx(0.55)
+    assert lr_at(config, 20, 60.0) == pytest.approx(0.1)
+    untimed = replace(config, max_seconds=None)
+    assert lr_at(untimed, 20, 1e9) == lr_at(config, 20, 0.0)
