@@ -7,19 +7,53 @@ Conventions (all tensors returned detached, in the model's dtype, never views th
 could mutate into the model: callers may `.double()` / `.clone()` freely):
 - w_in(block)   -> [d_mlp, d_model]  the neuron's input weight vector (up_proj for gated MLPs)
 - w_gate(block) -> [d_mlp, d_model] or None
-- b_in(block)   -> [d_mlp] or None
+- b_in(block)   -> [d_mlp] or None   (b_gate likewise for gated MLPs)
 - w_out(block)  -> [d_mlp, d_model]  the neuron's row of the down-projection
+- b_out(block)  -> [d_model] or None
 - unembedding(model) -> (W_U [d_model, vocab], b_U [vocab] or None)
 - final_norm_scale(model) -> gamma [d_model]; final_norm_kind: "layernorm" | "rmsnorm"
+
+Residual stream, sub-layers and attention (for interventions and the logit lens):
+- capture_residual_stream(model): h_0 (embeddings, the input of block 0) .. h_L (output of the
+  last block, BEFORE the final norm: Hugging Face's last hidden state has it applied).
+- capture_sublayers(model): what each block's attention and MLP write into the residual stream,
+  and, for a model loaded with attn_implementation="eager", the attention probabilities.
+- logits_from_residual(model, h) = unembed(final_norm(h)), the norm's statistics taken from h.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import ClassVar, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
+
+from atlas.errors import AtlasError
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached copy: callers may modify it in place without touching the model."""
+    return tensor.detach().clone()
+
+
+def _optional(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else _owned(tensor)
+
+
+def _first(output: Any) -> torch.Tensor:
+    """A module's main output: blocks and attention return a tensor or a tuple led by one."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class SublayerOutputs:
+    """Per block, in block order (lists grow by one entry per forward call of the block)."""
+
+    attention: list[torch.Tensor] = field(default_factory=list)        # [batch, seq, d_model]
+    mlp: list[torch.Tensor] = field(default_factory=list)              # [batch, seq, d_model]
+    attention_probs: list[torch.Tensor] = field(default_factory=list)  # [batch, heads, q, k]
 
 
 class Adapter:
@@ -30,6 +64,9 @@ class Adapter:
     down_proj_path: ClassVar[str]            # dotted path, inside a block, of the MLP down-projection
     final_norm_path: ClassVar[str]           # dotted path of the final norm module
     embed_path: ClassVar[str]                # dotted path of the token embedding
+    mlp_path: ClassVar[str]                  # dotted path, inside a block, of the MLP (its output is its write)
+    attention_path: ClassVar[str]            # dotted path, inside a block, of the attention module
+    mlp_norm_path: ClassVar[str]             # dotted path, inside a block, of the norm whose output the MLP reads
 
     # -- structure -------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -42,8 +79,20 @@ class Adapter:
         """The module whose INPUT is the neuron activation [batch, seq, d_mlp]."""
         return block.get_submodule(self.down_proj_path)
 
+    def mlp(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.mlp_path)
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.attention_path)
+
+    def mlp_input_norm(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.mlp_norm_path)
+
     def final_norm(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.final_norm_path)
+
+    def embedding(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.embed_path)
 
     def d_model(self, model: nn.Module) -> int:
         return self.w_out(self.blocks(model)[0]).shape[1]
@@ -61,16 +110,69 @@ class Adapter:
     def b_in(self, block: nn.Module) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def b_gate(self, block: nn.Module) -> torch.Tensor | None:
+        return None
+
     def w_out(self, block: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
+    def b_out(self, block: nn.Module) -> torch.Tensor | None:
+        return _optional(getattr(self.down_proj(block), "bias", None))
+
     def unembedding(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         head = model.get_output_embeddings()
-        bias = getattr(head, "bias", None)
-        return head.weight.detach().T, (bias.detach() if bias is not None else None)
+        return _owned(head.weight).T, _optional(getattr(head, "bias", None))
 
     def final_norm_scale(self, model: nn.Module) -> torch.Tensor:
-        return self.final_norm(model).weight.detach()
+        return _owned(self.final_norm(model).weight)
+
+    # -- residual stream and logit lens ----------------------------------------------------
+    def logits_from_residual(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """unembed(final_norm(h)): the norm recomputes its statistics on `hidden` itself."""
+        return model.get_output_embeddings()(self.final_norm(model)(hidden))
+
+    @contextmanager
+    def capture_residual_stream(self, model: nn.Module) -> Iterator[list[torch.Tensor]]:
+        """Yields a list that a forward pass fills with h_0 .. h_L ([batch, seq, d_model] each)."""
+        states: list[torch.Tensor] = []
+        blocks = self.blocks(model)
+
+        def record_input(module, args, kwargs):
+            states.append(args[0] if args else kwargs["hidden_states"])
+
+        def record_output(module, args, output):
+            states.append(_first(output))
+
+        handles = [blocks[0].register_forward_pre_hook(record_input, with_kwargs=True)]
+        handles += [block.register_forward_hook(record_output) for block in blocks]
+        try:
+            yield states
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def capture_sublayers(self, model: nn.Module, attention_probs: bool = False) -> Iterator[SublayerOutputs]:
+        """Yields SublayerOutputs that a forward pass fills, block by block."""
+        outputs = SublayerOutputs()
+
+        def record_attention(module, args, output):
+            outputs.attention.append(_first(output))
+            if attention_probs:
+                probs = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+                if probs is None:
+                    raise AtlasError("attention probabilities need eager attention: load the model with "
+                                     "attn_implementation='eager'")
+                outputs.attention_probs.append(probs)
+
+        def record_mlp(module, args, output):
+            outputs.mlp.append(_first(output))
+
+        with ExitStack() as stack:
+            for block in self.blocks(model):
+                stack.callback(self.attention(block).register_forward_hook(record_attention).remove)
+                stack.callback(self.mlp(block).register_forward_hook(record_mlp).remove)
+            yield outputs
 
     # -- interventions ---------------------------------------------------------------------
     @contextmanager

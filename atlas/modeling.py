@@ -1,0 +1,191 @@
+"""Loading a causal LM with its tokenizer and adapter, and capturing its neuron activations.
+
+Loading goes through transformers' Auto*.from_pretrained (the hub code path, which reads a local
+directory offline). The config is read first, so an unsupported architecture fails before any
+weights are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from atlas.adapters import Adapter, adapter_for
+from atlas.errors import AtlasError
+
+HUB_PROBE_TIMEOUT_S = 3.0
+# Tokenizer settings that change how a call pads or truncates, not how text becomes ids.
+_RUNTIME_TOKENIZER_KEYS = ("truncation", "padding")
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel       # eval mode, use_cache off
+    tokenizer: Any               # a transformers tokenizer
+    adapter: Adapter
+    config: PretrainedConfig
+    source: str
+    revision: str | None
+
+
+def load_model(
+    source: str,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a local directory or a hub id. attn_implementation="eager" exposes attention probabilities."""
+    options = _source_options(source, revision)
+    config = _load_config(source, options)
+    adapter = adapter_for(config)  # before any weights are read
+    tokenizer = AutoTokenizer.from_pretrained(source, **options)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **options, **extra)
+    model.eval()
+    model.config.use_cache = False
+    return LoadedModel(model, tokenizer, adapter, config, source, revision)
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else with a separator is meant as a folder."""
+    return (os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1
+            or os.sep != "/" and os.sep in source)
+
+
+def _source_options(source: str, revision: str | None) -> dict[str, Any]:
+    """from_pretrained keyword arguments; AtlasError at once when neither a folder nor the hub can serve."""
+    if Path(source).expanduser().is_dir():
+        return {}
+    if _looks_like_path(source) or Path(source).expanduser().exists():
+        raise AtlasError(f"model directory {source} does not exist: pass a folder made by save_pretrained "
+                         "or a hub id such as EleutherAI/pythia-160m")
+    options: dict[str, Any] = {"revision": revision}
+    if _hub_offline() or not _hub_reachable():
+        if not _in_hub_cache(source, revision):
+            raise AtlasError(f"{source!r} is not a local directory and the Hugging Face hub could not be reached "
+                             "(offline, and not in the local hub cache): pass a local directory made by "
+                             "save_pretrained, which works offline")
+        options["local_files_only"] = True
+    return options
+
+
+def _load_config(source: str, options: dict[str, Any]) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(source, **options)
+    except (OSError, ValueError) as error:
+        where = "directory" if not options else "hub id"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AtlasError(f"could not read the model config of {where} {source!r} ({reason}): check the id or "
+                         "revision, or pass a local directory made by save_pretrained") from error
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_reachable() -> bool:
+    """A short TCP probe, so an offline machine fails in seconds instead of minutes of retries."""
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return isinstance(found, str)
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's canonical JSON (sorted keys): equal for tokenizers that encode alike."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        for key in _RUNTIME_TOKENIZER_KEYS:
+            definition.pop(key, None)
+    else:  # a slow (pure Python) tokenizer: its vocabulary and special tokens define it
+        definition = {"vocab": tokenizer.get_vocab(), "class": type(tokenizer).__name__}
+    definition["special_tokens"] = {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items())}
+    canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def model_summary(loaded: LoadedModel) -> dict[str, Any]:
+    """The facts stored in the models table. vocab_size is the tokenizer's (Pythia pads its embedding)."""
+    adapter, model = loaded.adapter, loaded.model
+    return {
+        "architecture": adapter.name,
+        "n_layers": adapter.n_layers(model),
+        "d_model": adapter.d_model(model),
+        "d_mlp": adapter.d_mlp(model),
+        "vocab_size": len(loaded.tokenizer),
+        "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
+    }
+
+
+class _EnoughLayers(Exception):
+    """Raised from a hook once the last wanted layer is captured: later blocks and the unembedding
+    (a large share of the compute for big vocabularies) never run."""
+
+
+def capture_neuron_activations(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Neuron activations (the down-projection inputs) as [batch, seq, len(layers), d_mlp].
+
+    One copy per layer into `out` (allocated in the model's dtype when not given; pass a buffer of
+    the right shape to reuse it across batches). The forward pass stops after the last wanted layer.
+    """
+    adapter, model = loaded.adapter, loaded.model
+    blocks = adapter.blocks(model)
+    wanted = list(range(len(blocks))) if layers is None else list(layers)
+    if not wanted or any(not 0 <= layer < len(blocks) for layer in wanted):
+        raise AtlasError(f"layers {wanted} are not within the model's {len(blocks)} layers: pick from 0..{len(blocks) - 1}")
+    batch, seq = input_ids.shape
+    shape = (batch, seq, len(wanted), adapter.d_mlp(model))
+    if out is None:
+        out = torch.empty(shape, dtype=model.dtype, device=input_ids.device)
+    elif tuple(out.shape) != shape:
+        raise AtlasError(f"activation buffer has shape {tuple(out.shape)}, expected {shape}: allocate it for this batch")
+    slot_of = {layer: slot for slot, layer in enumerate(wanted)}
+    last = max(wanted)
+
+    def hook_for(layer: int):
+        def record(module, args):
+            out[:, :, slot_of[layer]].copy_(args[0])
+            if layer == last:
+                raise _EnoughLayers
+
+        return record
+
+    handles = [adapter.down_proj(blocks[layer]).register_forward_pre_hook(hook_for(layer)) for layer in slot_of]
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _EnoughLayers:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
