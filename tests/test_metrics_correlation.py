@@ -137,6 +137,21 @@ def test_rotated_baseline_equals_explicit_rotation(activations) -> None:
     np.testing.assert_array_equal(explicit_best, best)
 
 
+def test_baseline_with_covariances_from_a_gram_only_accumulator(activations) -> None:
+    """Layer covariances measured once per model (n_a = 0) replace per-pair Gram matrices."""
+    xa, xb = activations
+    with_gram = _accumulate(xa, xb, 300)
+    without_gram = _accumulate(xa, xb, 300, track_gram=False)
+    gram_only = _accumulate(xa[:, :0], xb, 1000)
+    covariances = [gram_only.layer_covariance(i) for i in range(len(LAYER_SIZES_B))]
+    with pytest.raises(ValueError, match="track_gram=False"):
+        rotated_baseline_max(without_gram, seed=2)
+    np.testing.assert_allclose(
+        rotated_baseline_max(without_gram, seed=2, layer_covariances=covariances)[0],
+        rotated_baseline_max(with_gram, seed=2)[0], atol=1e-5, rtol=0,
+    )
+
+
 def test_blocked_equals_unblocked(activations) -> None:
     xa, xb = activations
     whole = _accumulate(xa, xb, 500)
