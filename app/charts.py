@@ -168,6 +168,13 @@ def training_curves(frame: pd.DataFrame) -> alt.Chart:
 # --- top examples as HTML ------------------------------------------------------------------------
 
 
+def number(value: float | None, spec: str = ".3f") -> str:
+    """A database number for text; NULL (None or NaN: a zero-variance neuron, say) reads as n/a."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)
+
+
 def visible_token(token: str) -> str:
     """Make whitespace tokens visible: a newline shows as ⏎, a tab as →, a leading space as ·."""
     return token.replace("\n", "⏎").replace("\t", "→").replace(" ", "·") if token.strip() == "" else token

@@ -18,7 +18,7 @@ from atlas.store import Store, resolve_url
 
 
 def database_url(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--db", default=None)
     # Streamlit hands the script everything after `--`; under pytest argv is pytest's, so ignore the rest.
     known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)

@@ -6,7 +6,7 @@ import urllib.parse
 
 import streamlit as st
 
-CARD_PAGE = "pages/card.py"  # relative to app/main.py, as st.page_link expects
+CARD_PAGE = "app_pages/card.py"  # relative to app/main.py, as st.page_link expects
 
 
 def card_query(model: str, layer: int, neuron: int) -> dict[str, str]:

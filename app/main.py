@@ -17,7 +17,9 @@ import streamlit as st  # noqa: E402
 
 from app import connection  # noqa: E402
 
-PAGES_DIR = Path(__file__).parent / "pages"
+# Not "pages/": a folder of that name next to the entry script switches Streamlit to its old
+# multipage mode, which runs page files directly and ignores st.navigation.
+PAGES_DIR = Path(__file__).parent / "app_pages"
 
 PAGES = [
     st.Page(PAGES_DIR / "overview.py", title="Overview", icon=":material/dashboard:", url_path="overview", default=True),

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, bindparam, create_engine, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from app.sql_guard import check_read_only_sql
+from app.sql_guard import PRAGMAS_WITH_ARGUMENT, PRAGMAS_WITHOUT_ARGUMENT, check_read_only_sql
 from atlas.errors import AtlasError
 from atlas.store.schema import Base
 
@@ -388,10 +388,29 @@ def console_engine(url: str, shared_engine: Engine) -> Engine:
 
     def connect() -> sqlite3.Connection:
         connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        connection.execute("PRAGMA query_only = ON")  # also covers databases a statement might attach
+        connection.execute("PRAGMA query_only = ON")
+        connection.set_authorizer(_sqlite_read_only_authorizer)  # also refuses ATTACH of a writable file
         return connection
 
     return create_engine("sqlite://", creator=connect, poolclass=NullPool)
+
+
+_SQLITE_READ_ACTIONS = frozenset({
+    sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE,
+    sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT,
+})
+
+
+def _sqlite_read_only_authorizer(action: int, arg1: str | None, arg2: str | None, *_: Any) -> int:
+    """SQLite's own check, statement by statement: reads pass, anything else is denied."""
+    if action in _SQLITE_READ_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and arg1 is not None:
+        name = arg1.lower()
+        readable = PRAGMAS_WITHOUT_ARGUMENT | {"read_uncommitted"}  # SQLAlchemy reads it on connect
+        if name in PRAGMAS_WITH_ARGUMENT or (arg2 is None and name in readable):
+            return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
 
 
 def execute_read_only(engine: Engine, statement: str, row_limit: int, timeout_s: float) -> ConsoleResult:

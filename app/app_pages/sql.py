@@ -6,7 +6,7 @@ import io
 
 import streamlit as st
 
-from app import connection, queries
+from app import connection, guidance, queries
 from atlas.errors import AtlasError
 
 ROW_LIMITS = [100, 1000, 10_000, 100_000]
@@ -19,6 +19,8 @@ def render() -> None:
         "One read-only statement at a time (SELECT, WITH, VALUES, EXPLAIN, read-only PRAGMA). "
         f"SQLite opens the file read-only; PostgreSQL runs a READ ONLY transaction; {TIMEOUT_S:g} s time limit."
     )
+    if queries.families(connection.engine()).empty:
+        guidance.show_empty_database()
     engine = connection.console_engine()
     editor, browser = st.columns([3, 1])
     with browser:

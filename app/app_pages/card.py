@@ -85,7 +85,7 @@ def _show_weights(engine, info: dict, layer: int, neuron: int) -> None:
     shown = [(label, weights[key]) for key, label in WEIGHT_METRICS
              if weights[key] is not None and not (isinstance(weights[key], float) and math.isnan(weights[key]))]
     for column, (label, value) in zip(st.columns(len(shown)), shown):
-        column.metric(label, f"{value:.4g}")
+        column.metric(label, charts.number(value, ".4g"))
     vocab = queries.neuron_vocab(engine, info["name"], layer, neuron)
     if not vocab.empty:
         st.markdown("Top and bottom vocabulary tokens (W_U · w_out)")
@@ -122,14 +122,14 @@ def _show_partners(engine, info: dict, layer: int, neuron: int) -> None:
         return
     scores = queries.universal_scores(engine, info["name"], layer, neuron)
     for score in scores.itertuples():
-        st.markdown(f"Excess correlation on {score.dataset}: **{score.excess_corr:.3f}** "
-                    f"(mean max {score.mean_max_corr:.3f} against baseline {score.mean_baseline_corr:.3f}; "
-                    f"universal above {score.universal_threshold:g})")
+        st.markdown(f"Excess correlation on {score.dataset}: **{charts.number(score.excess_corr)}** "
+                    f"(mean max {charts.number(score.mean_max_corr)} against baseline "
+                    f"{charts.number(score.mean_baseline_corr)}; universal above {score.universal_threshold:g})")
     st.dataframe(partners, hide_index=True)
     for row in partners.dropna(subset=["partner_layer", "partner_neuron"]).itertuples():
         card_page_link(
             f"{row.other_model}: layer {int(row.partner_layer)}, neuron {int(row.partner_neuron)} "
-            f"(ρ = {row.max_corr:.3f}, {row.partner_class or 'no weights'})",
+            f"(ρ = {charts.number(row.max_corr)}, {row.partner_class or 'no weights'})",
             row.other_model, row.partner_layer, row.partner_neuron,
         )
 

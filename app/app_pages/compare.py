@@ -78,7 +78,7 @@ def _side_by_side(engine, model: str, layer: int, neuron: int, dataset: str) -> 
     for column, row in zip(columns[1:], partners.itertuples()):
         with column:
             _neuron_column(engine, row.other_model, row.other_model, int(row.partner_layer), int(row.partner_neuron),
-                           dataset, f"ρ = {row.max_corr:.3f} (baseline {row.baseline_max_corr:.3f})")
+                           dataset, f"ρ = {charts.number(row.max_corr)} (baseline {charts.number(row.baseline_max_corr)})")
     if partners.empty:
         st.caption("No partner with a defined correlation in the other seeds.")
     guidance_needed = queries.top_examples(engine, model, layer, neuron, dataset, limit=1).empty

@@ -1,0 +1,1 @@
+"""Neuron Atlas Streamlit app (run it with `atlas app`)."""
