@@ -22,11 +22,14 @@ app = typer.Typer(help="Neuron Atlas: an atlas of the MLP neurons of causal lang
 db_app = typer.Typer(help="Create and migrate the atlas database.", no_args_is_help=True)
 model_app = typer.Typer(help="Register and list models.", no_args_is_help=True)
 ingest_app = typer.Typer(help="Batch jobs that compute results into the database.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Register and list token datasets.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
+app.add_typer(dataset_app, name="dataset")
 app.add_typer(ingest_app, name="ingest")
 
-out = Console()
+# Piped output (scripts, tests) gets wide tables instead of truncated cells.
+out = Console(width=None if sys.stdout.isatty() else 250)
 DB_HELP = "Database URL (sqlite:///file.db or postgresql://user@host/db). Default: $ATLAS_DATABASE_URL, else sqlite:///atlas.db."
 DbOption = typer.Option(None, "--db", help=DB_HELP, show_default=False)
 
@@ -100,6 +103,44 @@ def model_list(family: Optional[str] = typer.Option(None, "--family", help="Only
         table.add_row(m.name, m.family, str(m.seed), m.architecture, str(m.n_layers), str(m.d_model),
                       str(m.d_mlp), str(m.vocab_size), m.source)
     out.print(table if models else "no models registered: run `atlas model add SOURCE --family F --seed S`")
+
+
+# --- datasets ------------------------------------------------------------------------------------
+
+
+@dataset_app.command("add")
+def dataset_add(
+    name: str = typer.Argument(..., help="Unique dataset name, used as --dataset by the jobs."),
+    source: str = typer.Option(..., "--source", help="builtin:docstrings, a .txt/.jsonl/.parquet file or folder, "
+                                                     "or a Hugging Face dataset id (owner/name[:config])."),
+    split: str = typer.Option("train", "--split", help="Split of a Hugging Face dataset."),
+    text_field: str = typer.Option("text", "--text-field", help="Field holding the text (.jsonl, .parquet, hub)."),
+    tokens: int = typer.Option(200_000, "--tokens", help="Tokens to sample (BOS included)."),
+    ctx: int = typer.Option(128, "--ctx", help="Context length: documents are cut to it (counted)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the document shuffle."),
+    db: Optional[str] = DbOption,
+) -> None:
+    """Register a text source and how it is sampled (reads its first document to check it)."""
+    from atlas.registry import register_dataset
+
+    dataset, created = register_dataset(open_store(db), name, source, split, text_field, tokens, ctx, seed)
+    verb = "registered" if created else "already registered"
+    out.print(f"{verb} dataset {dataset.name}: {dataset.source} ({dataset.n_tokens:,} tokens, ctx {dataset.ctx_len}, "
+              f"seed {dataset.sample_seed})")
+
+
+@dataset_app.command("list")
+def dataset_list(db: Optional[str] = DbOption) -> None:
+    """List registered datasets."""
+    from atlas.registry import list_datasets
+
+    with open_store(db).session() as session:
+        datasets = list_datasets(session)
+    table = Table("name", "source", "split", "text field", "tokens", "ctx", "seed", "content hash")
+    for d in datasets:
+        table.add_row(d.name, d.source, d.split, d.text_field, f"{d.n_tokens:,}", str(d.ctx_len), str(d.sample_seed),
+                      d.content_hash[:12])
+    out.print(table if datasets else "no datasets registered: run `atlas dataset add NAME --source SRC`")
 
 
 # --- ingest jobs: commands generated from each job's config dataclass ----------------------------

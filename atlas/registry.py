@@ -84,3 +84,57 @@ def require_shared_tokenizer(models: list[Model]) -> None:
     if len(hashes) > 1:
         names = ", ".join(f"{m.name} ({m.tokenizer_hash[:8]})" for m in models)
         raise AtlasError(f"the models have different tokenizers ({names}): a family must share one tokenizer")
+
+
+def dataset_content_hash(source: str, split: str, text_field: str) -> str:
+    """sha256 of the source's fingerprint: changes when the documents a source yields can change."""
+    import hashlib
+
+    from atlas.data import source_fingerprint
+
+    return hashlib.sha256(source_fingerprint(source, split, text_field).encode()).hexdigest()
+
+
+def _normalized_source(source: str) -> str:
+    """Local paths are stored absolute, so a dataset means the same files from any directory."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def register_dataset(
+    store: Store, name: str, source: str, split: str = "train", text_field: str = "text",
+    n_tokens: int = 200_000, ctx_len: int = 128, sample_seed: int = 0,
+) -> tuple[Dataset, bool]:
+    """Register a text source and how it is sampled. Returns (dataset, created).
+
+    The source is checked by reading its first document (bad path, unknown builtin, missing text
+    field, empty source: one-line AtlasError, nothing written). The same name with the same
+    settings is a no-op; with other settings an error.
+    """
+    from atlas.data import iter_documents
+
+    if n_tokens < 1:
+        raise AtlasError(f"--tokens must be at least 1, got {n_tokens}")
+    if ctx_len < 2:
+        raise AtlasError(f"--ctx must be at least 2 (BOS and one token), got {ctx_len}")
+    source = _normalized_source(source)
+    settings = dict(source=source, split=split, text_field=text_field, n_tokens=n_tokens, ctx_len=ctx_len,
+                    sample_seed=sample_seed)
+    with store.session() as session:
+        existing = session.scalars(select(Dataset).where(Dataset.name == name)).first()
+    if existing is not None:
+        differing = [f"{key} {getattr(existing, key)!r} (not {value!r})" for key, value in settings.items()
+                     if getattr(existing, key) != value]
+        if differing:
+            raise AtlasError(f"dataset {name!r} is already registered with {', '.join(differing)}: "
+                             "choose another name")
+        return existing, False
+    next(iter_documents(source, split, text_field))  # fails here, in one line, on a bad source
+    dataset = Dataset(name=name, content_hash=dataset_content_hash(source, split, text_field), **settings)
+    with store.transaction() as session:
+        session.add(dataset)
+    return dataset, True
+
+
+def list_datasets(session: Session) -> list[Dataset]:
+    return list(session.scalars(select(Dataset).order_by(Dataset.name)))

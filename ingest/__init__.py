@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ingest import weights
+from ingest import activations, weights
 
 JOBS: dict[str, tuple[type, Callable[[Any, Any], None]]] = {
     "weights": (weights.WeightsConfig, weights.run),
+    "activations": (activations.ActivationsConfig, activations.run),
 }

@@ -141,3 +141,46 @@ def replace_rows(
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise AtlasError(message)
+
+
+def run_units(
+    store: Store,
+    keys: list[JobKey],
+    config: Any,
+    compute: Callable[[list[JobKey]], T],
+    write: Callable[[Session, T, dict[JobKey, int]], dict[JobKey, int]],
+    *,
+    overwrite: bool = False,
+    label: str = "",
+) -> list[JobKey]:
+    """run_unit for units computed together (one pass serving several models).
+
+    Done keys are skipped; the others are marked running, computed by ONE compute(pending) call,
+    and written (write returns the row count per key) and marked done in ONE transaction.
+    Returns the keys that ran.
+    """
+    science = science_config(config)
+    hash_ = config_hash(science)
+    label = label or (keys[0].kind if keys else "")
+    with store.session() as session:
+        pending = [key for key in keys if overwrite or find_done(session, key, hash_) is None]
+    if len(pending) < len(keys):
+        console.print(f"[yellow]skipped[/] {label}: {len(keys) - len(pending)} of {len(keys)} already done "
+                      "with this config (use --overwrite to recompute)")
+    if not pending:
+        return []
+    job_ids = {key: _start(store, key, science, hash_) for key in pending}
+    try:
+        result = compute(pending)
+        with store.transaction() as session:
+            n_rows = write(session, result, job_ids)
+            for key, job_id in job_ids.items():
+                session.execute(update(Job).where(*key.where(), Job.status == "done").values(status="replaced"))
+                session.execute(update(Job).where(Job.id == job_id)
+                                .values(status="done", finished_at=_now(), n_rows=n_rows.get(key)))
+    except BaseException as error:  # KeyboardInterrupt too: the ledger says the jobs did not finish
+        for job_id in job_ids.values():
+            _fail(store, job_id, error)
+        raise
+    console.print(f"[green]done[/] {label}: {sum(n_rows.values())} rows (jobs {', '.join(map(str, job_ids.values()))})")
+    return pending

@@ -166,12 +166,21 @@ class TokenizedDataset:
         """True if the source ran out before n_tokens were collected."""
         return self.meta["source_exhausted"]
 
-    def batches(self, batch_size: int) -> Iterator[Batch]:
-        """Consecutive rows in dataset order, trimmed to the longest row of each batch."""
+    def batches(self, batch_size: int, *, first_batch: int = 0, n_rows: int | None = None) -> Iterator[Batch]:
+        """Consecutive rows in dataset order, trimmed to the longest row of each batch.
+
+        first_batch skips that many batches (a resumed pass); n_rows limits the pass to a prefix.
+        """
         if batch_size < 1:
             raise AtlasError(f"batch size must be at least 1, got {batch_size}")
-        for start in range(0, self.n_rows, batch_size):
-            yield self._batch(start, min(start + batch_size, self.n_rows))
+        stop_row = self.n_rows if n_rows is None else min(n_rows, self.n_rows)
+        for start in range(first_batch * batch_size, stop_row, batch_size):
+            yield self._batch(start, min(start + batch_size, stop_row))
+
+    def rows_for_tokens(self, n_tokens: int) -> int:
+        """The fewest leading rows that hold at least n_tokens tokens (all rows if there are fewer)."""
+        cumulative = np.cumsum(self.lengths, dtype=np.int64)
+        return int(min(np.searchsorted(cumulative, n_tokens) + 1, self.n_rows))
 
     def _batch(self, start: int, stop: int) -> Batch:
         lengths = torch.from_numpy(self.lengths[start:stop].astype(np.int64))

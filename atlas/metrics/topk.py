@@ -1,0 +1,98 @@
+"""Exact streaming top-k per feature (neuron), with a payload carried along each kept entry.
+
+Entries are ordered by value (descending), ties broken by the smaller key (an int64 such as
+row * ctx_len + position, increasing through the stream): the result is therefore independent of
+how the stream was batched, and equals a brute-force sort by (-value, key). Ties are common in
+real activations (every document that starts with the same token gives the same value).
+
+The payload is a fixed-width float vector per kept entry (e.g. the neuron's activation on the
+tokens around the example), computed by the caller only for a batch's candidates.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+# candidate batch-row indices [k', F] -> payload [k', W, F]
+PayloadFn = Callable[[torch.Tensor], torch.Tensor]
+_STATE_KEYS = ("values", "keys", "payload")
+
+
+def _stable_descending(values: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Reorder along dim 0 by value, descending; equal values keep their current order."""
+    order = torch.sort(values, dim=0, descending=True, stable=True).indices
+    return (values.gather(0, order), *(_gather_rows(t, order) for t in others))
+
+
+def _gather_rows(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """tensor [n, ...F] reordered per feature by order [m, F] (a payload's middle dims follow)."""
+    if tensor.ndim == 2:
+        return tensor.gather(0, order)
+    index = order[:, None, :].expand(order.shape[0], tensor.shape[1], order.shape[1])
+    return tensor.gather(0, index)
+
+
+def batch_top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [min(k, n), F] of each column's k largest values, ties broken by the smaller index,
+    ordered by (value descending, index ascending)."""
+    k = min(k, values.shape[0])
+    top = values.topk(k, dim=0).indices
+    threshold = values.gather(0, top[-1:])  # each column's k-th largest value
+    ambiguous = ((values >= threshold).sum(dim=0) > k).nonzero().squeeze(1)
+    if ambiguous.numel():  # ties at the boundary: topk may pick any of them; a stable sort picks the first
+        order = torch.sort(values[:, ambiguous], dim=0, descending=True, stable=True).indices[:k]
+        top[:, ambiguous] = order
+    top = top.sort(dim=0).values  # index ascending, then a stable sort by value
+    return _stable_descending(values.gather(0, top), top)[1]
+
+
+class StreamingTopK:
+    """The k largest values per feature over a stream, with their int64 keys and payloads."""
+
+    def __init__(self, n_features: int, k: int, payload_width: int = 0) -> None:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        self.n_features, self.k, self.payload_width = n_features, k, payload_width
+        self.values = torch.full((0, n_features), -torch.inf, dtype=torch.float32)
+        self.keys = torch.zeros((0, n_features), dtype=torch.int64)
+        self.payload = torch.zeros((0, payload_width, n_features), dtype=torch.float32)
+
+    def update(self, values: torch.Tensor, keys: torch.Tensor, payload: PayloadFn | None = None) -> None:
+        """Add a batch: values [n, F], keys [n] strictly increasing and larger than every earlier key."""
+        if values.ndim != 2 or values.shape[1] != self.n_features:
+            raise ValueError(f"expected values [n, {self.n_features}], got {tuple(values.shape)}")
+        if values.shape[0] == 0:
+            return
+        values = values.detach().float().cpu()
+        index = batch_top_indices(values, self.k)
+        candidate_payload = (payload(index).float().cpu() if payload is not None
+                             else torch.zeros((index.shape[0], self.payload_width, self.n_features)))
+        # Earlier entries first: after the stable sort, equal values keep the smaller key first.
+        merged = _stable_descending(
+            torch.cat([self.values, values.gather(0, index)]),
+            torch.cat([self.keys, keys.cpu()[index]]),
+            torch.cat([self.payload, candidate_payload]),
+        )
+        self.values, self.keys, self.payload = (t[: self.k].contiguous() for t in merged)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(values [m, F], keys [m, F], payload [m, W, F]), best first; m = min(k, items seen)."""
+        return self.values.numpy().copy(), self.keys.numpy().copy(), self.payload.numpy().copy()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return dict(zip(_STATE_KEYS, self.result()))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, np.ndarray], k: int) -> StreamingTopK:
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"top-k checkpoint lacks {missing}")
+        payload = np.asarray(state["payload"])
+        top = cls(payload.shape[2], k, payload.shape[1])
+        top.values = torch.from_numpy(np.array(state["values"], dtype=np.float32))
+        top.keys = torch.from_numpy(np.array(state["keys"], dtype=np.int64))
+        top.payload = torch.from_numpy(np.array(payload, dtype=np.float32))
+        return top

@@ -1,0 +1,254 @@
+"""Job `activations`: exact activation statistics and top activating examples of every neuron.
+
+One streaming pass (ingest/family_pass.py) over a registered dataset: every pending model of the
+family sees the same batches. Per model, per layer, exact float64 moments (StreamingMoments); over
+all neurons, an exact streaming top-k (ties broken by the earlier position) that carries each
+example's context activations along, gathered from the batch while it is in memory (no second
+pass). Context token ids come from the token memmap when the results are written. Special tokens
+are left out of statistics and examples unless --no-exclude-special-tokens; the job config records it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from sqlalchemy.orm import Session
+
+from atlas.data import TokenizedDataset, iter_documents, source_fingerprint
+from atlas.errors import AtlasError
+from atlas.metrics.moments import StreamingMoments
+from atlas.metrics.topk import StreamingTopK
+from atlas.registry import dataset_content_hash, require_shared_tokenizer, resolve_dataset, resolve_models
+from atlas.store import Store
+from atlas.store.schema import ActivationStat, Dataset, Model, TopExample
+from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
+from ingest.options import DATASET, MODEL_OR_FAMILY, OVERWRITE, option
+from ingest.runner import JobKey, config_hash, replace_rows, run_units, science_config
+
+KIND = "activations"
+
+
+@dataclass
+class ActivationsConfig:
+    """Activation moments (n, mean, var, skew, kurt, max, min, frac_active) and top-k examples of every neuron."""
+
+    model: str | None = MODEL_OR_FAMILY["model"]()
+    family: str | None = MODEL_OR_FAMILY["family"]()
+    dataset: str | None = DATASET()
+    tokens: int | None = option(None, "Use only the first rows of the dataset holding this many tokens (default: all).")
+    top_k: int = option(20, "Top activating examples to keep per neuron.")
+    context_before: int = option(24, "Context tokens stored before each top example's token.")
+    context_after: int = option(4, "Context tokens stored after each top example's token.")
+    exclude_special_tokens: bool = option(True, "Leave special tokens (BOS/EOS/pad) out of statistics and examples.")
+    batch_size: int = option(16, "Rows (documents) per batch.", run_option=True)
+    device: str = option("cpu", "Torch device to run the models on (cpu, cuda, cuda:1, mps).", run_option=True)
+    checkpoint_every: int = option(50, "Checkpoint the accumulators every this many batches (0: never by count).",
+                                   run_option=True)
+    checkpoint_seconds: float = option(60.0, "... and at least this often in seconds (0: never by time).",
+                                       run_option=True)
+    overwrite: bool = OVERWRITE()
+
+
+class ActivationStatsConsumer:
+    """Per model: one StreamingMoments per layer and one StreamingTopK over all neurons."""
+
+    def __init__(self, shapes: Mapping[int, tuple[int, int]], top_k: int, before: int, after: int) -> None:
+        self.shapes = dict(shapes)  # model id -> (n_layers, d_mlp)
+        self.top_k, self.before, self.after = top_k, before, after
+        self.offsets = torch.arange(-before, after + 1)
+        self.moments = {m: [StreamingMoments(d_mlp) for _ in range(n_layers)] for m, (n_layers, d_mlp) in shapes.items()}
+        self.top = {m: StreamingTopK(n_layers * d_mlp, top_k, len(self.offsets)) for m, (n_layers, d_mlp) in shapes.items()}
+
+    def consume(self, step: PassBatch) -> None:
+        for model_id, (n_layers, d_mlp) in self.shapes.items():
+            acts = step.activations[model_id]
+            for layer, moments in enumerate(self.moments[model_id]):
+                moments.update(acts[:, layer * d_mlp:(layer + 1) * d_mlp])  # float64 temporaries of one layer
+            self.top[model_id].update(acts, step.keys, lambda index, m=model_id: self._contexts(step, m, index))
+
+    def _contexts(self, step: PassBatch, model_id: int, index: torch.Tensor) -> torch.Tensor:
+        """The neuron's activation around each candidate [k', W, F]; NaN outside the candidate's row."""
+        full = step.all_positions[model_id].cpu()
+        n_rows, length, n_features = full.shape
+        rows = step.stat_rows[index][:, None, :]                               # [k', 1, F]
+        positions = step.stat_positions[index][:, None, :] + self.offsets[None, :, None]  # [k', W, F]
+        valid = (positions >= 0) & (positions < step.batch.lengths[rows])
+        flat = rows * length + positions.clamp(0, length - 1)
+        k, width = index.shape[0], len(self.offsets)
+        gathered = full.reshape(n_rows * length, n_features).gather(0, flat.reshape(k * width, n_features))
+        return gathered.reshape(k, width, n_features).masked_fill(~valid, float("nan"))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state: dict[str, np.ndarray] = {}
+        for model_id, layers in self.moments.items():
+            for layer, moments in enumerate(layers):
+                state.update({f"{model_id}/moments{layer}/{k}": v for k, v in moments.state_dict().items()})
+            state.update({f"{model_id}/top/{k}": v for k, v in self.top[model_id].state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+        for model_id, layers in self.moments.items():
+            for layer in range(len(layers)):
+                layers[layer] = StreamingMoments.from_state_dict(part(f"{model_id}/moments{layer}/"))
+            self.top[model_id] = StreamingTopK.from_state_dict(part(f"{model_id}/top/"), self.top_k)
+
+
+@dataclass
+class ModelResults:
+    stats: dict[str, Any]
+    examples: dict[str, Any]
+
+
+# -- preparing ----------------------------------------------------------------------------------
+
+def _check_options(config: ActivationsConfig) -> None:
+    for name in ("top_k", "batch_size"):
+        if getattr(config, name) < 1:
+            raise AtlasError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    for name in ("context_before", "context_after"):
+        if getattr(config, name) < 0:
+            raise AtlasError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(config, name)}")
+    if config.tokens is not None and config.tokens < 1:
+        raise AtlasError(f"--tokens must be at least 1, got {config.tokens}")
+
+
+def _check_dataset(dataset: Dataset, config: ActivationsConfig) -> None:
+    if config.tokens is not None and config.tokens > dataset.n_tokens:
+        raise AtlasError(f"--tokens {config.tokens} exceeds the {dataset.n_tokens} tokens of dataset "
+                         f"{dataset.name!r}: register a larger dataset with `atlas dataset add`")
+    if dataset_content_hash(dataset.source, dataset.split, dataset.text_field) != dataset.content_hash:
+        raise AtlasError(f"the source of dataset {dataset.name!r} ({dataset.source}) changed since it was "
+                         "registered: register it again under a new name")
+
+
+def tokenize(dataset: Dataset, tokenizer: Any) -> TokenizedDataset:
+    """The dataset's token rows for this tokenizer (cached on disk, shared by the jobs of a family)."""
+    documents = iter_documents(dataset.source, dataset.split, dataset.text_field)
+    return TokenizedDataset.build(
+        documents, tokenizer, dataset.n_tokens, dataset.ctx_len, dataset.sample_seed,
+        dataset_key=source_fingerprint(dataset.source, dataset.split, dataset.text_field),
+    )
+
+
+def _check_context(loaded, dataset: Dataset) -> None:
+    limit = getattr(loaded.config, "max_position_embeddings", None)
+    if limit is not None and dataset.ctx_len > limit:
+        raise AtlasError(f"dataset {dataset.name!r} has ctx {dataset.ctx_len} but {loaded.source} takes at most "
+                         f"{limit} positions: register a dataset with a smaller --ctx")
+
+
+# -- computing ----------------------------------------------------------------------------------
+
+def compute(models: list[Model], dataset: Dataset, config: ActivationsConfig) -> tuple[dict[int, ModelResults], Checkpoint]:
+    """Run the pass for `models` and turn each model's accumulators into rows; also the pass's checkpoint,
+    to delete once the rows are committed."""
+    from atlas.modeling import load_model
+
+    loaded = [PassModel(m.id, load_model(m.source, m.revision)) for m in models]
+    for model in loaded:
+        _check_context(model.loaded, dataset)
+        model.loaded.model.to(config.device)
+    tokenizer = loaded[0].loaded.tokenizer
+    tokens = tokenize(dataset, tokenizer)
+    n_rows = tokens.n_rows if config.tokens is None else tokens.rows_for_tokens(config.tokens)
+    consumer = ActivationStatsConsumer({m.id: (m.n_layers, m.d_mlp) for m in models}, config.top_k,
+                                       config.context_before, config.context_after)
+    checkpoint = Checkpoint(_checkpoint_key(models, dataset, tokens, n_rows, config),
+                            config.checkpoint_every, config.checkpoint_seconds)
+    run_family_pass(loaded, tokens, {"stats": consumer}, batch_size=config.batch_size, n_rows=n_rows,
+                    stat_positions="non_special" if config.exclude_special_tokens else "all",
+                    checkpoint=checkpoint, device=config.device,
+                    label=f"activations {dataset.name} x {len(models)} model(s)")
+    token_strings = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    return {m.id: _model_results(consumer, m, tokens, token_strings, config) for m in models}, checkpoint
+
+
+def _checkpoint_key(models: list[Model], dataset: Dataset, tokens: TokenizedDataset, n_rows: int,
+                    config: ActivationsConfig) -> dict[str, Any]:
+    return {
+        "job": KIND, "config": config_hash(science_config(config)),
+        "models": [(m.id, m.source, m.revision) for m in models],
+        "dataset": (dataset.id, dataset.content_hash), "tokens": tokens.key, "n_rows": n_rows,
+        "batch_size": config.batch_size, "device": config.device,
+    }
+
+
+def _model_results(consumer: ActivationStatsConsumer, model: Model, tokens: TokenizedDataset,
+                   token_strings: list[str], config: ActivationsConfig) -> ModelResults:
+    moments = [layer.result() for layer in consumer.moments[model.id]]
+    if moments[0]["n"][0] == 0:
+        raise AtlasError("the dataset holds no token positions for statistics (only special tokens?): "
+                         "register a dataset with more text")
+    stats = {name: np.concatenate([layer[name] for layer in moments]) for name in moments[0]}
+    stats["layer"] = np.repeat(np.arange(model.n_layers), model.d_mlp)
+    stats["neuron"] = np.tile(np.arange(model.d_mlp), model.n_layers)
+    values, keys, payload = consumer.top[model.id].result()
+    return ModelResults(stats, _example_rows(values, keys, payload, model.d_mlp, tokens, token_strings, config))
+
+
+def _example_rows(values: np.ndarray, keys: np.ndarray, payload: np.ndarray, d_mlp: int,
+                  tokens: TokenizedDataset, token_strings: list[str], config: ActivationsConfig) -> dict[str, Any]:
+    """One row per (neuron, rank): where it fired, and the context window as ids, strings and activations."""
+    n_ranks, n_features = values.shape
+    columns: dict[str, list] = {name: [] for name in (
+        "layer", "neuron", "rank", "doc_index", "position", "activation",
+        "context_token_ids", "context_tokens", "highlight_index", "context_activations")}
+    for feature in range(n_features):
+        for rank in range(n_ranks):
+            row, position = divmod(int(keys[rank, feature]), tokens.ctx_len)
+            ids, highlight = tokens.context_window(row, position, config.context_before, config.context_after)
+            first = config.context_before - highlight  # offset of the window's first token in the payload
+            columns["layer"].append(feature // d_mlp)
+            columns["neuron"].append(feature % d_mlp)
+            columns["rank"].append(rank)
+            columns["doc_index"].append(int(tokens.doc_indices[row]))
+            columns["position"].append(position)
+            columns["activation"].append(float(values[rank, feature]))
+            columns["context_token_ids"].append(ids.tolist())
+            columns["context_tokens"].append([token_strings[i] for i in ids])
+            columns["highlight_index"].append(highlight)
+            columns["context_activations"].append(payload[rank, first:first + len(ids), feature].tolist())
+    return columns
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+def write(session: Session, results: dict[int, ModelResults], dataset_id: int, job_ids: dict[JobKey, int]) -> dict[JobKey, int]:
+    n_rows = {}
+    for key, job_id in job_ids.items():
+        result = results[key.model_id]
+        where = {"model_id": key.model_id, "dataset_id": dataset_id}
+        n_examples = replace_rows(session, TopExample, where, result.examples)
+        n_rows[key] = replace_rows(session, ActivationStat, where, {**result.stats, "job_id": job_id}) + n_examples
+    return n_rows
+
+
+def run(config: ActivationsConfig, store: Store) -> None:
+    _check_options(config)
+    with store.session() as session:
+        models = resolve_models(session, config.model, config.family)
+        dataset = resolve_dataset(session, config.dataset)
+    require_shared_tokenizer(models)
+    _check_dataset(dataset, config)
+    by_id = {m.id: m for m in models}
+    checkpoints: list[Checkpoint] = []
+
+    def compute_pending(keys: list[JobKey]) -> dict[int, ModelResults]:
+        results, checkpoint = compute([by_id[key.model_id] for key in keys], dataset, config)
+        checkpoints.append(checkpoint)
+        return results
+
+    run_units(
+        store, [JobKey(KIND, model_id=m.id, dataset_id=dataset.id) for m in models], config,
+        compute=compute_pending,
+        write=lambda session, results, job_ids: write(session, results, dataset.id, job_ids),
+        overwrite=config.overwrite, label=f"activations {dataset.name}",
+    )
+    for checkpoint in checkpoints:  # the results are committed: the accumulators are no longer needed
+        checkpoint.delete()

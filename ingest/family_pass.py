@@ -1,0 +1,160 @@
+"""One streaming pass of a family of models over a tokenized dataset, feeding pluggable consumers.
+
+Every model sees the same batches and runs once per batch; each consumer (activation statistics,
+cross-seed correlations, ...) receives a PassBatch per batch with every model's neuron activations.
+The pass checkpoints its consumers' states every so often; a rerun with the same checkpoint key
+resumes after the last checkpointed batch and, since every consumer's state is saved exactly
+(float64 / int64 arrays) and batches are fixed, ends with exactly the state of an uninterrupted pass.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from atlas.data import Batch, TokenizedDataset
+from atlas.data.cache import cache_dir, stable_hash
+from ingest.progress import RateColumn, progress_bar
+
+if TYPE_CHECKING:  # transformers is slow to import: the CLI imports this module at start-up
+    from atlas.modeling import LoadedModel
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class PassBatch:
+    """What consumers see for one batch. Feature f of a model is neuron f % d_mlp of layer f // d_mlp."""
+
+    index: int                               # batch number within the pass
+    batch: Batch                             # token ids, masks, dataset rows, document indices (on CPU)
+    stat_rows: torch.Tensor                  # long [n]: index of the stat position's row within the batch
+    stat_positions: torch.Tensor             # long [n]: its position within the row
+    keys: torch.Tensor                       # long [n]: dataset row * ctx_len + position, increasing
+    activations: dict[int, torch.Tensor]     # model id -> [n, n_layers * d_mlp] at the stat positions
+    all_positions: dict[int, torch.Tensor]   # model id -> [b, L, n_layers * d_mlp], every position
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.keys.shape[0])
+
+
+class Consumer(Protocol):
+    """Anything that accumulates over the pass and can save and restore its state exactly."""
+
+    def consume(self, step: PassBatch) -> None: ...
+
+    def state_dict(self) -> dict[str, np.ndarray]: ...
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None: ...
+
+
+@dataclass
+class PassModel:
+    model_id: int
+    loaded: LoadedModel
+
+
+class Checkpoint:
+    """The consumers' states and the next batch index in one .npz file, replaced atomically."""
+
+    def __init__(self, key_payload: dict, every_batches: int = 50, every_seconds: float = 60.0,
+                 directory: Path | None = None) -> None:
+        self.key = stable_hash({"format": CHECKPOINT_FORMAT, **key_payload}, length=32)
+        self.path = (directory or cache_dir("checkpoints")) / f"{self.key}.npz"
+        self.every_batches, self.every_seconds = every_batches, every_seconds
+        self._last_save = time.monotonic()
+
+    def due(self, batches_done_since_start: int) -> bool:
+        by_count = self.every_batches > 0 and batches_done_since_start % self.every_batches == 0
+        by_time = self.every_seconds > 0 and time.monotonic() - self._last_save >= self.every_seconds
+        return by_count or by_time
+
+    def save(self, next_batch: int, consumers: Mapping[str, Consumer]) -> None:
+        arrays = {"__next_batch__": np.array(next_batch, dtype=np.int64), "__key__": np.array(self.key)}
+        for name, consumer in consumers.items():
+            arrays.update({f"{name}/{key}": value for key, value in consumer.state_dict().items()})
+        staging = self.path.with_suffix(f".{os.getpid()}.tmp.npz")
+        with open(staging, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, self.path)  # a kill mid-write leaves the previous checkpoint intact
+        self._last_save = time.monotonic()
+
+    def load(self, consumers: Mapping[str, Consumer]) -> int:
+        """Restore the consumers; returns the batch to start from (0 without a checkpoint)."""
+        if not self.path.exists():
+            return 0
+        with np.load(self.path) as saved:
+            if str(saved["__key__"]) != self.key:
+                return 0
+            for name, consumer in consumers.items():
+                prefix = f"{name}/"
+                consumer.load_state_dict({k[len(prefix):]: saved[k] for k in saved.files if k.startswith(prefix)})
+            return int(saved["__next_batch__"])
+
+    def delete(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def model_activations(loaded: LoadedModel, batch: Batch, device: torch.device) -> torch.Tensor:
+    """[b, L, n_layers * d_mlp] neuron activations of one batch (float32)."""
+    from atlas.modeling import capture_neuron_activations
+
+    acts = capture_neuron_activations(loaded, batch.input_ids.to(device), batch.attention_mask.to(device))
+    b, length, n_layers, d_mlp = acts.shape
+    return acts.reshape(b, length, n_layers * d_mlp).float()
+
+
+def run_family_pass(
+    models: Sequence[PassModel],
+    dataset: TokenizedDataset,
+    consumers: Mapping[str, Consumer],
+    *,
+    batch_size: int,
+    n_rows: int,
+    stat_positions: str = "non_special",
+    checkpoint: Checkpoint | None = None,
+    device: str = "cpu",
+    label: str = "pass",
+) -> None:
+    """Feed every batch of the first n_rows rows, with every model's activations, to every consumer.
+
+    stat_positions: "non_special" (exclude BOS/EOS/pad and every other special token) or "all"
+    (every real token; padding is never a position).
+    """
+    target = torch.device(device)
+    first_batch = checkpoint.load(consumers) if checkpoint else 0
+    n_tokens = int(dataset.lengths[:n_rows].sum())
+    done_tokens = int(dataset.lengths[: min(first_batch * batch_size, n_rows)].sum())
+    with progress_bar(RateColumn("tokens")) as bar:
+        task = bar.add_task(label, total=n_tokens, completed=done_tokens)
+        for offset, batch in enumerate(dataset.batches(batch_size, first_batch=first_batch, n_rows=n_rows)):
+            index = first_batch + offset
+            step = _pass_batch(index, batch, models, dataset.ctx_len, stat_positions, target)
+            for consumer in consumers.values():
+                consumer.consume(step)
+            bar.advance(task, int(batch.lengths.sum()))
+            if checkpoint is not None and checkpoint.due(offset + 1):
+                checkpoint.save(index + 1, consumers)
+
+
+def _pass_batch(index: int, batch: Batch, models: Sequence[PassModel], ctx_len: int, stat_positions: str,
+                device: torch.device) -> PassBatch:
+    mask = batch.stat_mask if stat_positions == "non_special" else batch.attention_mask.bool()
+    rows, positions = mask.nonzero(as_tuple=True)
+    keys = batch.row_indices[rows] * ctx_len + positions
+    all_positions, activations = {}, {}
+    with torch.inference_mode():
+        for model in models:
+            acts = model_activations(model.loaded, batch, device)
+            all_positions[model.model_id] = acts
+            activations[model.model_id] = acts[mask.to(acts.device)]
+    return PassBatch(index, batch, rows, positions, keys, activations, all_positions)
