@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 from streamlit.testing.v1 import AppTest
 
 from app import charts, queries
@@ -144,6 +144,40 @@ def test_read_only_connection_refuses_writes_even_without_the_guard(console_db, 
     assert not (path.parent / "elsewhere.db").exists()
 
 
+def _table_state(engine) -> tuple:
+    with engine.connect() as conn:
+        tables = sorted(inspect(engine).get_table_names())
+        datasets = conn.execute(text("SELECT id, name FROM datasets ORDER BY id")).all()
+    return tables, datasets
+
+
+def test_console_is_read_only_on_each_backend(db_url: str) -> None:
+    """SQLite: a read-only file; PostgreSQL: a READ ONLY transaction with a statement timeout."""
+    store = Store(db_url)
+    try:
+        with store.transaction() as session:
+            session.execute(text(
+                "INSERT INTO datasets (name, source, split, text_field, n_tokens, ctx_len, sample_seed, content_hash) "
+                "VALUES ('held-out', 'builtin:docstrings', 'train', 'text', 1000, 64, 0, 'abc')"))
+        engine = queries.console_engine(store.url, store.engine)
+        before = _table_state(store.engine)
+        for sql in REFUSED:
+            with pytest.raises(SqlRefused):
+                queries.run_console_query(engine, sql)
+        for statement in ("DELETE FROM datasets", "DROP TABLE neuron_vocab CASCADE", "CREATE TABLE x (a INTEGER)",
+                          "UPDATE datasets SET name = 'changed'"):
+            with pytest.raises(AtlasError, match="^query failed: "):
+                queries.execute_read_only(engine, statement, row_limit=10, timeout_s=5)
+        assert _table_state(store.engine) == before and len(before[1]) == 1
+        found = queries.run_console_query(engine, "SELECT name FROM datasets WHERE name LIKE 'held%'")
+        assert found.frame["name"].tolist() == ["held-out"]
+        endless = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT MAX(i) FROM n"
+        with pytest.raises(AtlasError, match="time limit|statement timeout"):
+            queries.run_console_query(engine, endless, timeout_s=0.3)
+    finally:
+        store.dispose()
+
+
 def test_console_reads_views_with_a_row_limit(console_db) -> None:
     _, engine = console_db
     result = queries.run_console_query(engine, "SELECT name FROM datasets WHERE name LIKE '%100%'")
@@ -189,15 +223,8 @@ def _guidance(app: AppTest) -> str:
     return "\n".join(code.value for code in app.code)
 
 
-@pytest.fixture()
-def empty_db_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'empty.db'}"
-    Store(url).dispose()
-    return url
-
-
-def test_every_page_on_an_empty_database_says_what_to_run(empty_db_url: str, monkeypatch) -> None:
-    app = _app(empty_db_url, monkeypatch)
+def test_every_page_on_an_empty_database_says_what_to_run(db_url: str, monkeypatch) -> None:
+    app = _app(db_url, monkeypatch)
     for page in PAGES:
         _open(app, page)
         assert not app.error
@@ -205,25 +232,36 @@ def test_every_page_on_an_empty_database_says_what_to_run(empty_db_url: str, mon
         assert "atlas ingest weights" in _guidance(app), page
 
 
-def test_card_link_on_an_empty_database_shows_guidance(empty_db_url: str, monkeypatch) -> None:
-    app = _app(empty_db_url, monkeypatch, model="nowhere", layer="0", neuron="0")
+def test_card_link_on_an_empty_database_shows_guidance(db_url: str, monkeypatch) -> None:
+    app = _app(db_url, monkeypatch, model="nowhere", layer="0", neuron="0")
     _open(app, "app_pages/card.py")
     assert "atlas ingest weights" in _guidance(app)
 
 
-def test_sql_page_refuses_a_write_with_a_message(empty_db_url: str, monkeypatch) -> None:
-    app = _open(_app(empty_db_url, monkeypatch), "app_pages/sql.py")
+def test_sql_page_refuses_a_write_with_a_message(db_url: str, monkeypatch) -> None:
+    app = _open(_app(db_url, monkeypatch), "app_pages/sql.py")
     app.text_area(key="sql_text").set_value("DROP TABLE models")
     app.button[0].click().run()
     assert not app.exception
     assert [error.value for error in app.error] == ["refused: DROP is not a query; the console is read-only "
                                                     "(SELECT, WITH, VALUES, EXPLAIN, read-only PRAGMA)"]
-    app.text_area(key="sql_text").set_value("SELECT name, type FROM sqlite_master WHERE name = 'models'")
+    app.text_area(key="sql_text").set_value("SELECT 'models' AS name, COUNT(*) AS n_rows FROM models")
     app.button[0].click().run()
     assert not app.error and not app.exception
-    results = [frame.value for frame in app.dataframe if list(frame.value.columns) == ["name", "type"]]
-    assert [result.values.tolist() for result in results] == [[["models", "table"]]]
+    results = [frame.value for frame in app.dataframe if list(frame.value.columns) == ["name", "n_rows"]]
+    assert [result.values.tolist() for result in results] == [[["models", 0]]]
     assert [button.label for button in app.get("download_button")] == ["Download CSV", "Download Parquet"]
+
+
+def test_unmigrated_database_is_one_message_not_a_trace(empty_db_url: str, monkeypatch) -> None:
+    """SQLite upgrades itself and shows guidance; PostgreSQL says which command migrates it."""
+    app = _app(empty_db_url, monkeypatch)
+    assert not app.exception
+    if empty_db_url.startswith("sqlite"):
+        assert not app.error and "atlas ingest weights" in _guidance(app)
+    else:
+        assert len(app.error) == 1 and "is not migrated" in app.error[0].value
+        assert "atlas db upgrade" in app.error[0].value
 
 
 def test_unreachable_database_is_one_message_not_a_trace(monkeypatch) -> None:
