@@ -73,12 +73,17 @@ def test_bulk_insert_nan_as_null_and_json(store):
             "model_id": model_id, "other_model_id": model_id, "dataset_id": dataset_id, "layer": 0,
             "neuron": np.arange(2), "max_corr": np.array([0.5, np.nan]), "partner_layer": np.array([1, -1]),
             "partner_neuron": 3, "baseline_max_corr": np.array([np.nan, 0.25]), "universal_threshold": 0.5})
+        bulk_insert(session, NeuronVocab, {"model_id": model_id, "layer": 0, "neuron": 0, "direction": "top",
+                                           "rank": np.arange(2), "token_id": np.arange(2), "token": ["\x00", "ok"],
+                                           "value": 1.0})
     assert n == 2
     with store.session() as session:
         rows = session.scalars(select(TopExample).order_by(TopExample.rank)).all()
         corr = session.execute(select(NeuronCorrelation.max_corr, NeuronCorrelation.baseline_max_corr)
                                .order_by(NeuronCorrelation.neuron)).all()
+        tokens = session.scalars(select(NeuronVocab.token).order_by(NeuronVocab.rank)).all()
     assert [tuple(r) for r in corr] == [(0.5, None), (None, 0.25)]  # NaN is stored as NULL
+    assert tokens == ["\\x00", "ok"]  # PostgreSQL text cannot hold NUL: a visible escape on every backend
     assert rows[0].context_token_ids == [1, 2, 3] and rows[0].context_tokens == ["a", "b'\"\t\\", "c"]
     assert rows[1].context_tokens == ["é"] and rows[1].context_activations is None
 

@@ -1,6 +1,8 @@
 """Bulk writes: COPY on PostgreSQL (psycopg 3), executemany on SQLite. Callers see one function.
 
 NaN means "undefined" in the atlas (a zero-variance neuron's correlation, say) and is stored as NULL.
+PostgreSQL text cannot hold NUL characters (byte-level tokenizers decode token 0 to one), so every
+backend stores NUL as the visible escape \\x00: the same rows on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ def _python_value(value: Any) -> Any:
         value = value.item()
     if isinstance(value, float) and math.isnan(value):
         return None
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\\x00")
     return value
 
 

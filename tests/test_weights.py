@@ -1,0 +1,150 @@
+"""The weights job against an independent float64 numpy computation of the SPEC, on every architecture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from sqlalchemy import func, select
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from atlas.registry import register_model
+from atlas.store.schema import Job, Neuron, NeuronVocab
+from ingest.weights import WeightsConfig, run
+
+# Raw parameter names, written out here on purpose: the reference must not go through the adapters.
+RAW = {
+    "gpt2": dict(unembed="lm_head.weight", norm="transformer.ln_f.weight", w_out="transformer.h.{}.mlp.c_proj.weight",
+                 w_out_transposed=False, w_in="transformer.h.{}.mlp.c_fc.weight", w_in_transposed=True,
+                 b_in="transformer.h.{}.mlp.c_fc.bias", layernorm=True),
+    "neox": dict(unembed="lm_head.weight", norm="gpt_neox.final_layer_norm.weight",
+                 w_out="gpt_neox.layers.{}.mlp.dense_4h_to_h.weight", w_out_transposed=True,
+                 w_in="gpt_neox.layers.{}.mlp.dense_h_to_4h.weight", w_in_transposed=False,
+                 b_in="gpt_neox.layers.{}.mlp.dense_h_to_4h.bias", layernorm=True),
+    "llama": dict(unembed="lm_head.weight", norm="model.norm.weight", w_out="model.layers.{}.mlp.down_proj.weight",
+                  w_out_transposed=True, w_in="model.layers.{}.mlp.up_proj.weight", w_in_transposed=False,
+                  b_in=None, layernorm=False),
+    "phi": dict(unembed="lm_head.weight", norm="model.final_layernorm.weight", w_out="model.layers.{}.mlp.fc2.weight",
+                w_out_transposed=True, w_in="model.layers.{}.mlp.fc1.weight", w_in_transposed=False,
+                b_in="model.layers.{}.mlp.fc1.bias", layernorm=True),
+}
+
+
+def reference(model_dir, arch: str, layer: int, top_k: int = 20):
+    """SPEC, float64 numpy: fold gamma into W_U; centre W_U over the vocabulary and w_out over d_model
+    (LayerNorm models); v = cos(W_U[:, t], w_out); raw moments; top tokens by the product."""
+    raw = RAW[arch]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    vocab = len(AutoTokenizer.from_pretrained(model_dir))
+    params = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+    W_U = params[raw["unembed"]].T[:, :vocab] * params[raw["norm"]][:, None]
+    w_out = params[raw["w_out"].format(layer)]
+    w_out = w_out.T if raw["w_out_transposed"] else w_out
+    w_in = params[raw["w_in"].format(layer)]
+    w_in = w_in.T if raw["w_in_transposed"] else w_in
+    if raw["layernorm"]:
+        W_U = W_U - W_U.mean(axis=1, keepdims=True)
+        w_out_c = w_out - w_out.mean(axis=1, keepdims=True)
+    else:
+        w_out_c = w_out
+    product = w_out_c @ W_U
+    v = product / np.linalg.norm(w_out_c, axis=1)[:, None] / np.linalg.norm(W_U, axis=0)[None, :]
+    mean, var = v.mean(axis=1), v.var(axis=1)
+    z = (v - mean[:, None]) / np.sqrt(var)[:, None]
+    skew, kurt = (z**3).mean(axis=1), (z**4).mean(axis=1)
+    assert np.allclose(kurt, stats.kurtosis(v, axis=1, fisher=False))
+    cls = np.where((kurt > 10) & (skew > 0), "prediction",
+                   np.where((kurt > 10) & (skew < 0), "suppression", np.where(var > 0.005, "partition", "none")))
+    return dict(
+        w_in_norm=np.linalg.norm(w_in, axis=1), w_out_norm=np.linalg.norm(w_out, axis=1),
+        in_out_cos=(w_in * w_out).sum(1) / np.linalg.norm(w_in, axis=1) / np.linalg.norm(w_out, axis=1),
+        l2_penalty=(w_in**2).sum(1) + (w_out**2).sum(1),
+        b_in=params[raw["b_in"].format(layer)] if raw["b_in"] else None,
+        vocab_mean=mean, vocab_var=var, vocab_skew=skew, vocab_kurt=kurt, vocab_class=cls,
+        top=np.argsort(-product, axis=1, kind="stable")[:, :top_k], top_values=-np.sort(-product, axis=1)[:, :top_k],
+        bottom=np.argsort(product, axis=1, kind="stable")[:, :top_k], bottom_values=np.sort(product, axis=1)[:, :top_k],
+    )
+
+
+@pytest.mark.parametrize("arch", sorted(RAW))
+def test_weights_match_numpy_reference(store, tiny_models, arch):
+    model_dir = tiny_models[arch]
+    model, _ = register_model(store, str(model_dir), family=f"tiny-{arch}", seed=0)
+    run(WeightsConfig(model=model.name), store)
+    with store.session() as session:
+        for layer in range(model.n_layers):
+            ref = reference(model_dir, arch, layer)
+            rows = session.scalars(select(Neuron).where(Neuron.model_id == model.id, Neuron.layer == layer)
+                                   .order_by(Neuron.neuron)).all()
+            assert len(rows) == model.d_mlp
+            for column in ("w_in_norm", "w_out_norm", "in_out_cos", "l2_penalty", "vocab_mean", "vocab_var",
+                           "vocab_skew", "vocab_kurt"):
+                got = np.array([getattr(r, column) for r in rows])
+                np.testing.assert_allclose(got, ref[column], rtol=1e-6, atol=1e-9, err_msg=f"{arch} {column}")
+            if ref["b_in"] is None:
+                assert all(r.b_in is None for r in rows)
+            else:
+                np.testing.assert_allclose([r.b_in for r in rows], ref["b_in"], rtol=1e-6)
+            assert [r.vocab_class for r in rows] == list(ref["vocab_class"])
+            for direction in ("top", "bottom"):
+                vocab = session.execute(
+                    select(NeuronVocab.neuron, NeuronVocab.rank, NeuronVocab.token_id, NeuronVocab.value)
+                    .where(NeuronVocab.model_id == model.id, NeuronVocab.layer == layer,
+                           NeuronVocab.direction == direction)
+                    .order_by(NeuronVocab.neuron, NeuronVocab.rank)).all()
+                ids = np.array([r.token_id for r in vocab]).reshape(model.d_mlp, -1)
+                values = np.array([r.value for r in vocab]).reshape(model.d_mlp, -1)
+                np.testing.assert_allclose(values, ref[f"{direction}_values"], rtol=1e-6, atol=1e-9)
+                # ids agree wherever the values are not tied
+                assert (ids == ref[direction]).mean() > 0.99
+
+
+def test_classes_use_the_stored_thresholds(store, tiny_models):
+    model, _ = register_model(store, str(tiny_models["gpt2"]), family="tiny", seed=0)
+    run(WeightsConfig(model=model.name, variance_threshold=0.0), store)
+    with store.session() as session:
+        classes = set(session.scalars(select(Neuron.vocab_class).where(Neuron.model_id == model.id)))
+        job = session.scalars(select(Job).where(Job.kind == "weights", Job.status == "done")).one()
+    assert classes <= {"partition", "prediction", "suppression"} and "partition" in classes
+    assert job.config["variance_threshold"] == 0.0 and job.config["fold_final_norm"] is True
+
+
+def test_rerun_skips_and_overwrite_replaces(store, tiny_models, capsys):
+    model, _ = register_model(store, str(tiny_models["gpt2"]), family="tiny", seed=0)
+    run(WeightsConfig(family="tiny"), store)
+    with store.session() as session:
+        before = session.execute(select(Neuron.layer, Neuron.neuron, Neuron.vocab_kurt).order_by(Neuron.layer, Neuron.neuron)).all()
+    run(WeightsConfig(family="tiny"), store)
+    assert "skipped" in capsys.readouterr().err
+    run(WeightsConfig(family="tiny", overwrite=True), store)
+    with store.session() as session:
+        after = session.execute(select(Neuron.layer, Neuron.neuron, Neuron.vocab_kurt).order_by(Neuron.layer, Neuron.neuron)).all()
+        n_vocab = session.scalar(select(func.count()).select_from(NeuronVocab))
+        statuses = session.scalars(select(Job.status).order_by(Job.id)).all()
+    assert before == after
+    assert n_vocab == model.n_layers * model.d_mlp * 2 * 20
+    assert statuses == ["replaced", "done"]
+
+
+def test_failed_job_leaves_nothing(store, tiny_models, monkeypatch):
+    model, _ = register_model(store, str(tiny_models["gpt2"]), family="tiny", seed=0)
+    import ingest.weights as weights
+
+    calls = {"n": 0}
+    real = weights.analyse_layer
+
+    def failing_on_second_layer(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("simulated out-of-memory in layer 1")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weights, "analyse_layer", failing_on_second_layer)
+    with pytest.raises(MemoryError):
+        run(WeightsConfig(model=model.name), store)
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(Neuron)) == 0
+        assert session.scalar(select(func.count()).select_from(NeuronVocab)) == 0
+        job = session.scalars(select(Job)).one()
+    assert job.status == "failed" and "simulated out-of-memory" in job.error
