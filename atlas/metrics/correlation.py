@@ -87,7 +87,10 @@ class CorrelationAccumulator:
 
     @staticmethod
     def estimate_bytes(n_a: int, layer_sizes_b: Sequence[int], track_gram: bool = True) -> int:
-        """Memory held by an accumulator: float64 sums + float32 pending buffers (12 bytes each)."""
+        """Memory held by an accumulator: float64 sums + float32 pending buffers (12 bytes each).
+
+        Not included: the per-batch work buffers, about 4 * batch * (n_a + 2 * n_b) bytes, which
+        scale with the caller's batch of activations."""
         n_b = sum(layer_sizes_b)
         matrices = n_a * n_b + (sum(d * d for d in layer_sizes_b) if track_gram else 0)
         return 12 * matrices + 40 * (n_a + n_b)
