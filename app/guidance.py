@@ -14,7 +14,7 @@ NEXT_COMMANDS: dict[str, str] = {
     "correlations": "atlas ingest correlations --family {family} --dataset {dataset}",
     "interventions": "atlas ingest interventions --family {family} --dataset {dataset}",
     "lens": "atlas ingest lens --family {family} --dataset {dataset}",
-    "train": "atlas train --family {family} --seeds 0 1 2",
+    "train": "atlas train-seeds --family {family} --seeds 0 1 2 --dataset {dataset}",
 }
 
 
