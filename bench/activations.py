@@ -1,0 +1,114 @@
+"""Benchmark: the activation ingest pass against bare forward passes of the same model on the same batches.
+
+The model is a GPT-2 built from a config with a fixed seed (random weights: speed does not depend on
+training) and the tiny byte-level tokenizer; the text is builtin:docstrings. Timed:
+  bare   - model(input_ids, attention_mask) on every batch (the full forward, unembedding included);
+  ingest - run_family_pass with the activations consumer (exact moments + top-k with contexts);
+  rows   - turning the accumulators into activation_stats / top_examples rows (once, at the end).
+Ratio = ingest tokens/s / bare tokens/s. Peak memory is the process's max RSS after each stage.
+
+    python bench/activations.py --tokens 8192 --layers 6 --d-model 384 --d-mlp 1536 --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--ctx", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--d-model", type=int, default=384)
+    parser.add_argument("--d-mlp", type=int, default=1536)
+    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return parser.parse_args()
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_model(directory: Path, args: argparse.Namespace) -> Path:
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from tests.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(directory)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=max(args.ctx, 128), n_embd=args.d_model,
+                        n_layer=args.layers, n_head=max(1, args.d_model // 64), n_inner=args.d_mlp,
+                        bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-activations-"))
+    os.environ.setdefault("ATLAS_CACHE_DIR", str(work / "cache"))
+
+    from atlas.data import TokenizedDataset, iter_documents
+    from atlas.data.sources import DOCSTRINGS_SOURCE, source_fingerprint
+    from atlas.modeling import load_model
+    from ingest.activations import ActivationStatsConsumer, ActivationsConfig, _model_results
+    from ingest.family_pass import PassModel, run_family_pass
+
+    loaded = load_model(str(build_model(work / "model", args)))
+    tokens = TokenizedDataset.build(iter_documents(DOCSTRINGS_SOURCE), loaded.tokenizer, args.tokens, args.ctx,
+                                    dataset_key=source_fingerprint(DOCSTRINGS_SOURCE))
+    batches = list(tokens.batches(args.batch_size))
+    n_tokens = sum(int(b.lengths.sum()) for b in batches)
+    n_layers, d_mlp = loaded.adapter.n_layers(loaded.model), loaded.adapter.d_mlp(loaded.model)
+    print(f"model: GPT-2 {n_layers} layers, d_model {args.d_model}, d_mlp {d_mlp} ({n_layers * d_mlp} neurons); "
+          f"{n_tokens} tokens in {len(batches)} batches of {args.batch_size} rows x ctx {args.ctx}; "
+          f"{torch.get_num_threads()} threads")
+    rss_start = peak_rss_mib()
+
+    with torch.inference_mode():  # warm-up, then bare forward passes
+        loaded.model(input_ids=batches[0].input_ids, attention_mask=batches[0].attention_mask)
+        start = time.perf_counter()
+        for batch in batches:
+            loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        bare = time.perf_counter() - start
+    rss_bare = peak_rss_mib()
+
+    consumer = ActivationStatsConsumer({0: (n_layers, d_mlp)}, args.top_k, 24, 4)
+    start = time.perf_counter()
+    run_family_pass([PassModel(0, loaded)], tokens, {"stats": consumer}, batch_size=args.batch_size,
+                    n_rows=tokens.n_rows, label="ingest pass")
+    ingest = time.perf_counter() - start
+    rss_ingest = peak_rss_mib()
+
+    token_strings = [loaded.tokenizer.decode([i]) for i in range(len(loaded.tokenizer))]
+    start = time.perf_counter()
+    results = _model_results(consumer, SimpleNamespace(id=0, n_layers=n_layers, d_mlp=d_mlp), tokens, token_strings, ActivationsConfig(top_k=args.top_k))
+    rows = time.perf_counter() - start
+    n_examples = len(results.examples["rank"])
+
+    print(f"bare forward : {n_tokens / bare:10,.0f} tokens/s ({bare:.2f} s)")
+    print(f"ingest pass  : {n_tokens / ingest:10,.0f} tokens/s ({ingest:.2f} s)")
+    print(f"ratio        : {bare / ingest:10.2f} (ingest speed / bare forward speed)")
+    print(f"rows         : {rows:10.2f} s for {n_layers * d_mlp} stats + {n_examples} top examples")
+    print(f"peak RSS MiB : start {rss_start:.0f}, after bare {rss_bare:.0f}, after ingest {rss_ingest:.0f}, "
+          f"after rows {peak_rss_mib():.0f}")
+
+
+if __name__ == "__main__":
+    main()
