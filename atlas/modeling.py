@@ -189,3 +189,76 @@ def capture_neuron_activations(
         for handle in handles:
             handle.remove()
     return out
+
+
+# -- forward passes that stop at the residual stream (logit lens, layer interventions) -------------
+
+def run_to_last_block(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    """A forward pass that stops once the last block has run: hooks registered before it (captures of the
+    residual stream or sub-layers) see every block, and the final norm and unembedding of all positions,
+    which callers recompute only where they need them, never run."""
+    last = loaded.adapter.blocks(loaded.model)[-1]
+
+    def stop(module, args, output):
+        raise _EnoughLayers
+
+    handle = last.register_forward_hook(stop)
+    try:
+        with torch.inference_mode():
+            loaded.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _EnoughLayers:
+        pass
+    finally:
+        handle.remove()
+
+
+def residual_states(loaded: LoadedModel, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """h_0 (the input of block 0) .. h_L (the last block's output, before the final norm) of the unmodified model."""
+    with loaded.adapter.capture_residual_stream(loaded.model) as states:
+        run_to_last_block(loaded, input_ids, attention_mask)
+    return states
+
+
+def final_residual(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    order: Sequence[int],
+    start_state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The last residual state (before the final norm) of the model run with its blocks in `order`.
+
+    With start_state, the first block of `order` reads start_state in place of the embeddings: a
+    prefix of blocks shared with another pass (e.g. blocks 0..l-1 of the unmodified model when layer
+    l is deleted) is computed once, and `order` lists only the blocks after it. An empty order then
+    returns start_state itself.
+    """
+    order = list(order)
+    if not order:
+        if start_state is None:
+            raise AtlasError("a pass with no blocks needs the residual state to start from")
+        return start_state
+    adapter, model = loaded.adapter, loaded.model
+    with adapter.block_order(model, order):
+        first = adapter.blocks(model)[0]
+        handle = None
+        if start_state is not None:
+            handle = first.register_forward_pre_hook(_replace_hidden_states(start_state), with_kwargs=True)
+        try:
+            with adapter.capture_residual_stream(model) as states:
+                run_to_last_block(loaded, input_ids, attention_mask)
+        finally:
+            if handle is not None:
+                handle.remove()
+    return states[-1]
+
+
+def _replace_hidden_states(state: torch.Tensor):
+    """A forward pre-hook that hands a block `state` as its input hidden states."""
+    def replace(module, args, kwargs):
+        if args:
+            return (state, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": state}
+
+    return replace

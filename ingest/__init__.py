@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ingest import activations, weights
+from ingest import activations, interventions, lens, weights
 
 JOBS: dict[str, tuple[type, Callable[[Any, Any], None]]] = {
     "weights": (weights.WeightsConfig, weights.run),
     "activations": (activations.ActivationsConfig, activations.run),
+    "interventions": (interventions.InterventionsConfig, interventions.run),
+    "lens": (lens.LensConfig, lens.run),
 }

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -94,6 +94,10 @@ class Adapter:
     def embedding(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.embed_path)
 
+    def max_positions(self, model: nn.Module) -> int | None:
+        """The longest input the model takes (its position table or trained context); None if unbounded."""
+        return getattr(model.config, "max_position_embeddings", None)
+
     def d_model(self, model: nn.Module) -> int:
         return self.w_out(self.blocks(model)[0]).shape[1]
 
@@ -152,9 +156,17 @@ class Adapter:
                 handle.remove()
 
     @contextmanager
-    def capture_sublayers(self, model: nn.Module, attention_probs: bool = False) -> Iterator[SublayerOutputs]:
-        """Yields SublayerOutputs that a forward pass fills, block by block."""
+    def capture_sublayers(
+        self, model: nn.Module, attention_probs: bool = False,
+        reduce_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Iterator[SublayerOutputs]:
+        """Yields SublayerOutputs that a forward pass fills, block by block.
+
+        reduce_probs, if given, is applied to each block's attention probabilities [batch, heads, q, k]
+        as they are made and only its result is kept (long contexts: q x k per head adds up).
+        """
         outputs = SublayerOutputs()
+        attention_probs = attention_probs or reduce_probs is not None
 
         def record_attention(module, args, output):
             outputs.attention.append(_first(output))
@@ -163,7 +175,7 @@ class Adapter:
                 if probs is None:
                     raise AtlasError("attention probabilities need eager attention: load the model with "
                                      "attn_implementation='eager'")
-                outputs.attention_probs.append(probs)
+                outputs.attention_probs.append(probs if reduce_probs is None else reduce_probs(probs))
 
         def record_mlp(module, args, output):
             outputs.mlp.append(_first(output))
@@ -177,7 +189,10 @@ class Adapter:
     # -- interventions ---------------------------------------------------------------------
     @contextmanager
     def block_order(self, model: nn.Module, order: list[int]) -> Iterator[None]:
-        """Run the model with its blocks in `order` (a deletion omits an index, a swap permutes)."""
+        """Run the model with its blocks in `order` (a deletion omits an index, a swap permutes).
+
+        Blocks keep their own modules (and layer_idx): only the sequence the model iterates changes.
+        """
         parent_path, _, attr = self.blocks_path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         original = getattr(parent, attr)

@@ -1,0 +1,131 @@
+"""Job `lens`: the logit lens at every residual stream state, and per-layer statistics.
+
+One forward pass per batch (eager attention, for the attention probabilities), stopped after the
+last block: the adapter's captures give h_0..h_L (h_L before the final norm, which Hugging Face's
+last hidden state already includes), each block's attention and MLP writes, and each block's
+attention to the previous five tokens (reduced as the probabilities are made). The lens at state
+l is unembed(final_norm(h_l)), the norm's statistics taken from h_l itself; the final
+distribution is the lens at h_L, i.e. the model's own logits. All on the scored positions of
+ingest/next_token.py; attn_prev5 on those of them with q >= 5.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session
+
+from atlas.metrics.layers import (PREVIOUS_TOKENS_WINDOW, MeanAccumulator, next_token_metrics,
+                                  previous_token_attention, write_norms)
+from atlas.registry import resolve_dataset, resolve_models
+from atlas.store import Store
+from atlas.store.schema import Dataset, LayerStat, LogitLens, Model
+from ingest.next_token import check_options, open_tokens, require_positions, scored_batches
+from ingest.options import DATASET, MODEL_OR_FAMILY, OVERWRITE, option
+from ingest.runner import JobKey, replace_rows, run_unit
+
+KIND = "lens"
+
+
+@dataclass
+class LensConfig:
+    """Logit lens (KL to the final distribution, entropy, top-1 agreement, accuracy) at every residual
+    state, and per layer the attention to the previous five tokens and the sub-layer write norms."""
+
+    model: str | None = MODEL_OR_FAMILY["model"]()
+    family: str | None = MODEL_OR_FAMILY["family"]()
+    dataset: str | None = DATASET()
+    tokens: int | None = option(None, "Use only the first rows of the dataset holding this many tokens (default: all).")
+    exclude_special_tokens: bool = option(True, "Do not score predictions made from a special token (BOS) as input.")
+    batch_size: int = option(8, "Rows (documents) per batch.", run_option=True)
+    device: str = option("cpu", "Torch device to run the model on (cpu, cuda, cuda:1, mps).", run_option=True)
+    overwrite: bool = OVERWRITE()
+
+
+@dataclass
+class LensResults:
+    lens: dict[str, list[Any]]    # one row per residual state 0..L
+    stats: dict[str, list[Any]]   # one row per block 0..L-1
+
+
+def measure(loaded, batches) -> MeanAccumulator:
+    """Per-position lens metrics (group ('lens', state)) and layer statistics (group ('stats', layer)), summed."""
+    from atlas.modeling import run_to_last_block
+
+    adapter, model = loaded.adapter, loaded.model
+    sums = MeanAccumulator()
+    with torch.inference_mode():
+        for batch in batches:
+            with adapter.capture_residual_stream(model) as states, \
+                    adapter.capture_sublayers(model, reduce_probs=previous_token_attention) as writes:
+                run_to_last_block(loaded, batch.input_ids, batch.attention_mask)
+            final = adapter.logits_from_residual(model, states[-1][batch.positions])
+            for state, hidden in enumerate(states):
+                logits = adapter.logits_from_residual(model, hidden[batch.positions])
+                sums.add(("lens", state), next_token_metrics(logits, batch.targets, reference=final))
+            late_queries = batch.positions.clone()
+            late_queries[:, :PREVIOUS_TOKENS_WINDOW] = False  # fewer than five previous tokens
+            for layer in range(len(writes.attention)):
+                sums.add(("stats", layer), {
+                    "attn_out_norm": write_norms(writes.attention[layer], batch.positions),
+                    "mlp_out_norm": write_norms(writes.mlp[layer], batch.positions),
+                    "attn_prev5": writes.attention_probs[layer][late_queries],
+                })
+    return sums
+
+
+def results(sums: MeanAccumulator, n_layers: int) -> LensResults:
+    states = range(n_layers + 1)
+    lens = {
+        "layer": list(states),
+        "kl_to_final": [sums.mean(("lens", s), "kl") for s in states],
+        "entropy_nats": [sums.mean(("lens", s), "entropy") for s in states],
+        "entropy_bits": [sums.mean(("lens", s), "entropy") / math.log(2) for s in states],
+        "top1_agreement": [sums.mean(("lens", s), "top1_agreement") for s in states],
+        "accuracy": [sums.mean(("lens", s), "accuracy") for s in states],
+    }
+    layers = range(n_layers)
+    stats = {
+        "layer": list(layers),
+        "attn_prev5": [sums.mean(("stats", l), "attn_prev5") for l in layers],  # NaN -> NULL: no query q >= 5
+        "attn_out_norm": [sums.mean(("stats", l), "attn_out_norm") for l in layers],
+        "mlp_out_norm": [sums.mean(("stats", l), "mlp_out_norm") for l in layers],
+    }
+    return LensResults(lens, stats)
+
+
+def compute(model_row: Model, dataset: Dataset, config: LensConfig) -> LensResults:
+    from atlas.modeling import load_model
+
+    loaded = load_model(model_row.source, model_row.revision, attn_implementation="eager")
+    loaded.model.to(config.device)
+    token_rows, n_rows = open_tokens(dataset, loaded, config.tokens)
+    batches = scored_batches(token_rows, n_rows, loaded, batch_size=config.batch_size,
+                             exclude_special_tokens=config.exclude_special_tokens, device=config.device,
+                             label=f"lens {model_row.name}")
+    sums = measure(loaded, batches)
+    require_positions(sums.count(("lens", 0), "loss"), dataset)
+    return results(sums, model_row.n_layers)
+
+
+def write(session: Session, model_id: int, dataset_id: int, result: LensResults, job_id: int) -> int:
+    where = {"model_id": model_id, "dataset_id": dataset_id}
+    n_stats = replace_rows(session, LayerStat, where, {**result.stats, "job_id": job_id})
+    return replace_rows(session, LogitLens, where, {**result.lens, "job_id": job_id}) + n_stats
+
+
+def run(config: LensConfig, store: Store) -> None:
+    check_options(config.tokens, config.batch_size)
+    with store.session() as session:
+        models = resolve_models(session, config.model, config.family)
+        dataset = resolve_dataset(session, config.dataset)
+    for model_row in models:
+        run_unit(
+            store, JobKey(KIND, model_id=model_row.id, dataset_id=dataset.id), config,
+            compute=lambda m=model_row: compute(m, dataset, config),
+            write=lambda session, result, job_id, m=model_row: write(session, m.id, dataset.id, result, job_id),
+            overwrite=config.overwrite, label=f"lens {model_row.name} on {dataset.name}",
+        )
