@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ingest import activations, interventions, lens, weights
+from ingest import activations, correlations, interventions, lens, weights
 
 JOBS: dict[str, tuple[type, Callable[[Any, Any], None]]] = {
     "weights": (weights.WeightsConfig, weights.run),
     "activations": (activations.ActivationsConfig, activations.run),
+    "correlations": (correlations.CorrelationsConfig, correlations.run),
     "interventions": (interventions.InterventionsConfig, interventions.run),
     "lens": (lens.LensConfig, lens.run),
 }

@@ -1,0 +1,459 @@
+"""Job `correlations`: cross-seed max correlations, partners and the rotation baseline (universal neurons).
+
+For every ordered pair (A, B) of a family's models without results for this config, every neuron of A
+gets max_j rho(A_i, B_j), its partner (layer, neuron), and the same max against B rotated per layer by a
+seeded random orthogonal matrix. The baseline comes from the pair's accumulated sums and cross-products
+and from each B layer's covariance on the same positions: no second pass over the data.
+
+Units and memory. A pair whose accumulator fits --memory-budget is one unit (ledger key: the pair). A
+larger pair is cut by memory_blocks into blocks (A slice x group of whole B layers); each block is a unit
+of its own (ledger key: the pair + shard "a0:512/b0:2") whose maxima go to a file in the cache, and the
+pair's rows are written from the combined blocks once all of them are done. Units are packed into passes
+whose accumulators fit the budget together: within a pass every model runs once per batch, whatever the
+number of pairs (ingest/family_pass.py), and the covariance of each B layer group is accumulated once per
+pass, not once per pair.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from rich.console import Console
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from atlas.data.cache import cache_dir, stable_hash
+from atlas.errors import AtlasError
+from atlas.metrics.correlation import (
+    CorrelationAccumulator,
+    combine_maxima,
+    max_correlations,
+    memory_blocks,
+    rotated_baseline_max,
+)
+from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_models
+from atlas.store import Store
+from atlas.store.schema import Dataset, Model, NeuronCorrelation
+from ingest.activations import _check_context, _check_dataset, tokenize
+from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
+from ingest.options import DATASET, OVERWRITE, option
+from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_unit, run_units, science_config
+
+KIND = "correlations"
+SHARD_FORMAT = 1
+console = Console()
+
+
+@dataclass
+class CorrelationsConfig:
+    """Cross-seed max correlations, partners and rotated baselines of every neuron (universal neurons)."""
+
+    family: str | None = option(None, "Run on every ordered pair of models of this family.", target=True)
+    dataset: str | None = DATASET()
+    tokens: int | None = option(None, "Use only the first rows of the dataset holding this many tokens (default: all).")
+    baseline_seed: int = option(0, "Seed of the random orthogonal rotation of each layer (the baseline).")
+    universal_threshold: float = option(0.5, "A neuron is universal when its excess correlation exceeds this.")
+    exclude_special_tokens: bool = option(True, "Leave special tokens (BOS/EOS/pad) out of the statistics.")
+    memory_budget: str = option("4GiB", "Memory for the accumulators of one pass (e.g. 512MiB, 4GiB, 80GB); "
+                                "pairs that do not fit are split into shards.", run_option=True)
+    batch_size: int = option(16, "Rows (documents) per batch.", run_option=True)
+    device: str = option("cpu", "Torch device to run the models on (cpu, cuda, cuda:1, mps).", run_option=True)
+    checkpoint_every: int = option(50, "Checkpoint the accumulators every this many batches (0: never by count).",
+                                   run_option=True)
+    checkpoint_seconds: float = option(300.0, "... and at least this often in seconds (0: never by time).",
+                                       run_option=True)
+    overwrite: bool = OVERWRITE()
+
+
+# -- options ------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: str) -> int:
+    """'4GiB' -> 4294967296, '500MB' -> 500000000, '1024' -> 1024."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise AtlasError(f"--memory-budget {value!r} is not a size: write e.g. 512MiB, 4GiB or 80GB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _check_options(config: CorrelationsConfig) -> int:
+    """Validates the options; returns the memory budget in bytes."""
+    if not config.family:
+        raise AtlasError("this job needs --family F: it correlates the seeds of one family")
+    if config.batch_size < 1:
+        raise AtlasError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.tokens is not None and config.tokens < 1:
+        raise AtlasError(f"--tokens must be at least 1, got {config.tokens}")
+    budget = parse_bytes(config.memory_budget)
+    if budget < 1:
+        raise AtlasError(f"--memory-budget must be positive, got {config.memory_budget!r}")
+    return budget
+
+
+def _check_family(models: list[Model], family: str) -> None:
+    if len(models) < 2:
+        raise AtlasError(f"family {family!r} has one model ({models[0].name}): correlations need two seeds or more; "
+                         f"register another with `atlas model add SOURCE --family {family} --seed S`")
+    require_shared_tokenizer(models)
+
+
+# -- planning -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of work: A's neurons [a_start, a_stop) against B's whole layers [b_start, b_stop)."""
+
+    key: JobKey
+    a_id: int
+    b_id: int
+    a_start: int
+    a_stop: int
+    b_start: int
+    b_stop: int
+    b_d_mlp: int
+    sharded: bool  # False: the block is the whole pair and writes its rows directly
+
+    @property
+    def b_columns(self) -> slice:
+        return slice(self.b_start * self.b_d_mlp, self.b_stop * self.b_d_mlp)
+
+    @property
+    def b_layer_sizes(self) -> list[int]:
+        return [self.b_d_mlp] * (self.b_stop - self.b_start)
+
+    @property
+    def gram_key(self) -> tuple[int, int, int]:
+        return self.b_id, self.b_start, self.b_stop
+
+    def accumulator_bytes(self) -> int:
+        return CorrelationAccumulator.estimate_bytes(self.a_stop - self.a_start, self.b_layer_sizes, track_gram=False)
+
+    def gram_bytes(self) -> int:
+        return CorrelationAccumulator.estimate_bytes(0, self.b_layer_sizes, track_gram=True)
+
+
+def pair_key(a: Model, b: Model, dataset_id: int) -> JobKey:
+    return JobKey(KIND, model_id=a.id, dataset_id=dataset_id, other_model_id=b.id)
+
+
+def pair_blocks(a: Model, b: Model, dataset_id: int, budget: int) -> list[Block]:
+    """The pair as one block when it fits the budget (with its B layers' covariances), else its shards."""
+    n_a = a.n_layers * a.d_mlp
+    parts = memory_blocks(n_a, [b.d_mlp] * b.n_layers, budget, track_gram=True)
+    sharded = len(parts) > 1
+    blocks = []
+    for a_rows, b_layers in parts:
+        shard = f"a{a_rows.start}:{a_rows.stop}/b{b_layers.start}:{b_layers.stop}" if sharded else None
+        key = JobKey(KIND, model_id=a.id, dataset_id=dataset_id, other_model_id=b.id, shard=shard)
+        blocks.append(Block(key, a.id, b.id, a_rows.start, a_rows.stop, b_layers.start, b_layers.stop, b.d_mlp, sharded))
+    return blocks
+
+
+def pack_passes(blocks: list[Block], budget: int) -> list[list[Block]]:
+    """Greedy packing of blocks into passes whose accumulators and B covariances fit the budget together.
+
+    Each block fits alone (memory_blocks counted its B layers' covariances), so every pass gets one."""
+    passes: list[list[Block]] = []
+    current: list[Block] = []
+    used, grams = 0, set()
+    for block in blocks:
+        extra = block.accumulator_bytes() + (0 if block.gram_key in grams else block.gram_bytes())
+        if current and used + extra > budget:
+            passes.append(current)
+            current, used, grams = [], 0, set()
+            extra = block.accumulator_bytes() + block.gram_bytes()
+        current.append(block)
+        used += extra
+        grams.add(block.gram_key)
+    if current:
+        passes.append(current)
+    return passes
+
+
+# -- accumulating -------------------------------------------------------------------------------
+
+class CorrelationConsumer:
+    """A family-pass consumer: one accumulator per block (no Gram matrices) and one covariance
+    accumulator per B layer group (a CorrelationAccumulator with no A neurons), shared by the blocks."""
+
+    def __init__(self, blocks: list[Block]) -> None:
+        self.blocks = blocks
+        self.pairs = [self._pair_accumulator(block) for block in blocks]
+        self.grams: dict[tuple[int, int, int], CorrelationAccumulator] = {}
+        for block in blocks:
+            if block.gram_key not in self.grams:
+                self.grams[block.gram_key] = CorrelationAccumulator(
+                    0, block.b_layer_sizes, b_layers=range(block.b_start, block.b_stop), track_gram=True)
+        self._gram_columns = {block.gram_key: block.b_columns for block in blocks}
+
+    @staticmethod
+    def _pair_accumulator(block: Block) -> CorrelationAccumulator:
+        return CorrelationAccumulator(block.a_stop - block.a_start, block.b_layer_sizes,
+                                      b_layers=range(block.b_start, block.b_stop), track_gram=False)
+
+    def consume(self, step: PassBatch) -> None:
+        for block, accumulator in zip(self.blocks, self.pairs):
+            accumulator.update(step.activations[block.a_id][:, block.a_start:block.a_stop],
+                               step.activations[block.b_id][:, block.b_columns])
+        for gram_key, accumulator in self.grams.items():
+            xb = step.activations[gram_key[0]][:, self._gram_columns[gram_key]]
+            accumulator.update(xb[:, :0], xb)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state: dict[str, np.ndarray] = {}
+        for index, accumulator in enumerate(self.pairs):
+            state.update({f"pair{index}/{k}": v for k, v in accumulator.state_dict().items()})
+        for index, accumulator in enumerate(self.grams.values()):
+            state.update({f"gram{index}/{k}": v for k, v in accumulator.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+        self.pairs = [CorrelationAccumulator.from_state_dict(part(f"pair{i}/")) for i in range(len(self.pairs))]
+        self.grams = {key: CorrelationAccumulator.from_state_dict(part(f"gram{i}/"))
+                      for i, key in enumerate(self.grams)}
+
+    def results(self, baseline_seed: int) -> dict[JobKey, dict[str, np.ndarray]]:
+        """Per block: max_corr, partner_layer / partner_neuron (-1: none) and baseline_max_corr, per A neuron."""
+        results = {}
+        for block, accumulator in zip(self.blocks, self.pairs):
+            if accumulator.n == 0:
+                raise AtlasError("the dataset holds no token positions for statistics (only special tokens?): "
+                                 "register a dataset with more text")
+            gram = self.grams[block.gram_key]
+            covariances = [gram.layer_covariance(i) for i in range(block.b_stop - block.b_start)]
+            best, column = max_correlations(accumulator)
+            partner_layer, partner_neuron = accumulator.locate(column)
+            baseline, _ = rotated_baseline_max(accumulator, baseline_seed, layer_covariances=covariances)
+            results[block.key] = {"max_corr": best, "partner_layer": partner_layer,
+                                  "partner_neuron": partner_neuron, "baseline_max_corr": baseline}
+        return results
+
+
+# -- shards: per-block maxima kept in the cache until their pair is complete --------------------------
+
+@dataclass
+class RunContext:
+    """What every unit of one run shares."""
+
+    config: CorrelationsConfig
+    dataset: Dataset
+    models: dict[int, Model]
+    config_hash: str
+
+
+def shard_path(block: Block, context: RunContext) -> Path:
+    a, b = context.models[block.a_id], context.models[block.b_id]
+    name = stable_hash({
+        "format": SHARD_FORMAT, "config": context.config_hash, "shard": block.key.shard,
+        "a": (a.id, a.source, a.revision), "b": (b.id, b.source, b.revision),
+        "dataset": (context.dataset.id, context.dataset.content_hash),
+    })
+    return cache_dir("correlation-shards") / f"{name}.npz"
+
+
+def save_shard(block: Block, result: dict[str, np.ndarray], job_id: int, context: RunContext) -> None:
+    path = shard_path(block, context)
+    staging = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    with open(staging, "wb") as handle:
+        np.savez(handle, job_id=np.array(job_id, dtype=np.int64), **result)
+    os.replace(staging, path)
+
+
+def load_shard(block: Block, job_id: int, context: RunContext) -> dict[str, np.ndarray] | None:
+    """The block's saved maxima, or None when the file is missing or belongs to another job."""
+    path = shard_path(block, context)
+    if not path.exists():
+        return None
+    with np.load(path) as saved:
+        if int(saved["job_id"]) != job_id:
+            return None
+        return {name: saved[name] for name in saved.files if name != "job_id"}
+
+
+def combine_blocks(parts: list[tuple[Block, dict[str, np.ndarray]]], n_a: int) -> dict[str, np.ndarray]:
+    """A pair's per-neuron results from its blocks: the best over B layer groups (the earlier group wins
+    ties, as the first column does in one block), the A slices side by side."""
+    combined = {"max_corr": np.full(n_a, np.nan), "baseline_max_corr": np.full(n_a, np.nan),
+                "partner_layer": np.full(n_a, -1, dtype=np.int64), "partner_neuron": np.full(n_a, -1, dtype=np.int64)}
+    by_slice: dict[tuple[int, int], list[dict[str, np.ndarray]]] = {}
+    for block, result in sorted(parts, key=lambda part: (part[0].a_start, part[0].b_start)):
+        by_slice.setdefault((block.a_start, block.a_stop), []).append(result)
+    for (start, stop), results in by_slice.items():
+        best, layer, neuron = combine_maxima([r["max_corr"] for r in results], [r["partner_layer"] for r in results],
+                                             [r["partner_neuron"] for r in results])
+        (baseline,) = combine_maxima([r["baseline_max_corr"] for r in results])
+        combined["max_corr"][start:stop], combined["baseline_max_corr"][start:stop] = best, baseline
+        combined["partner_layer"][start:stop], combined["partner_neuron"][start:stop] = layer, neuron
+    return combined
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+def write_pair(session: Session, a: Model, b_id: int, result: dict[str, np.ndarray], job_id: int,
+               context: RunContext) -> int:
+    """Replace the pair's rows (one per neuron of A); NaN maxima become NULL, partner -1 becomes NULL."""
+    n_a = a.n_layers * a.d_mlp
+    features = np.arange(n_a)
+
+    def nullable(partner: np.ndarray) -> list[int | None]:
+        return [int(value) if value >= 0 else None for value in partner]
+
+    where = {"model_id": a.id, "other_model_id": b_id, "dataset_id": context.dataset.id}
+    return replace_rows(session, NeuronCorrelation, where, {
+        "layer": features // a.d_mlp, "neuron": features % a.d_mlp,
+        "max_corr": result["max_corr"], "partner_layer": nullable(result["partner_layer"]),
+        "partner_neuron": nullable(result["partner_neuron"]), "baseline_max_corr": result["baseline_max_corr"],
+        "universal_threshold": context.config.universal_threshold, "job_id": job_id,
+    })
+
+
+def write_pass(session: Session, blocks: list[Block], results: dict[JobKey, dict[str, np.ndarray]],
+               job_ids: dict[JobKey, int], context: RunContext) -> dict[JobKey, int]:
+    n_rows = {}
+    for block in blocks:
+        result, job_id = results[block.key], job_ids[block.key]
+        if block.sharded:
+            save_shard(block, result, job_id, context)
+            n_rows[block.key] = block.a_stop - block.a_start
+        else:
+            n_rows[block.key] = write_pair(session, context.models[block.a_id], block.b_id, result, job_id, context)
+    return n_rows
+
+
+# -- computing ------------------------------------------------------------------------------------
+
+def compute_pass(blocks: list[Block], context: RunContext) -> tuple[dict[JobKey, dict[str, np.ndarray]], Checkpoint]:
+    """One family pass over the dataset feeding every block's accumulator; the pass's checkpoint is
+    returned to be deleted once the results are committed."""
+    from atlas.modeling import load_model
+
+    config, dataset = context.config, context.dataset
+    model_ids = sorted({block.a_id for block in blocks} | {block.b_id for block in blocks})
+    loaded = [PassModel(i, load_model(context.models[i].source, context.models[i].revision)) for i in model_ids]
+    for model in loaded:
+        _check_context(model.loaded, dataset)
+        model.loaded.model.to(config.device)
+    tokens = tokenize(dataset, loaded[0].loaded.tokenizer)
+    n_rows = tokens.n_rows if config.tokens is None else tokens.rows_for_tokens(config.tokens)
+    consumer = CorrelationConsumer(blocks)
+    checkpoint = Checkpoint({
+        "job": KIND, "config": context.config_hash,
+        "units": [(b.a_id, b.b_id, b.a_start, b.a_stop, b.b_start, b.b_stop) for b in blocks],
+        "models": [(i, context.models[i].source, context.models[i].revision) for i in model_ids],
+        "dataset": (dataset.id, dataset.content_hash), "tokens": tokens.key, "n_rows": n_rows,
+        "batch_size": config.batch_size, "device": config.device,
+    }, config.checkpoint_every, config.checkpoint_seconds)
+    run_family_pass(loaded, tokens, {"correlations": consumer}, batch_size=config.batch_size, n_rows=n_rows,
+                    stat_positions="non_special" if config.exclude_special_tokens else "all",
+                    checkpoint=checkpoint, device=config.device,
+                    label=f"correlations {dataset.name}: {len(blocks)} unit(s), {len(model_ids)} model(s)")
+    return consumer.results(config.baseline_seed), checkpoint
+
+
+def _blocks_to_compute(session: Session, blocks: list[Block], context: RunContext) -> list[Block]:
+    """A shard done in the ledger whose file is intact is not computed again (unless --overwrite)."""
+    def ready(block: Block) -> bool:
+        if not block.sharded or context.config.overwrite:
+            return False
+        job = find_done(session, block.key, context.config_hash)
+        return job is not None and load_shard(block, job.id, context) is not None
+
+    return [block for block in blocks if not ready(block)]
+
+
+def _finish_sharded_pair(store: Store, a: Model, b: Model, blocks: list[Block], context: RunContext) -> None:
+    """Combine the pair's shards into its rows (a ledger unit of its own), then drop the shard files."""
+    def compute() -> dict[str, np.ndarray]:
+        parts = []
+        with store.session() as session:
+            for block in blocks:
+                job = find_done(session, block.key, context.config_hash)
+                result = None if job is None else load_shard(block, job.id, context)
+                if result is None:
+                    raise AtlasError(f"shard {block.key.shard} of {a.name} x {b.name} is missing: rerun the job")
+                parts.append((block, result))
+        return combine_blocks(parts, a.n_layers * a.d_mlp)
+
+    run_unit(store, pair_key(a, b, context.dataset.id), context.config, compute,
+             lambda session, result, job_id: write_pair(session, a, b.id, result, job_id, context),
+             overwrite=True, label=f"correlations {a.name} x {b.name} ({len(blocks)} shards)")
+    for block in blocks:
+        shard_path(block, context).unlink(missing_ok=True)
+
+
+def run(config: CorrelationsConfig, store: Store) -> None:
+    budget = _check_options(config)
+    with store.session() as session:
+        models = resolve_models(session, None, config.family)
+        dataset = resolve_dataset(session, config.dataset)
+    _check_family(models, config.family)
+    _check_dataset(dataset, config)
+    context = RunContext(config, dataset, {m.id: m for m in models}, config_hash(science_config(config)))
+    pairs = [(a, b) for a in models for b in models if a.id != b.id]
+    with store.session() as session:
+        pending = [(a, b) for a, b in pairs
+                   if config.overwrite or find_done(session, pair_key(a, b, dataset.id), context.config_hash) is None]
+        blocks = {(a.id, b.id): pair_blocks(a, b, dataset.id, budget) for a, b in pending}
+        to_compute = [block for pair_blocks_ in blocks.values() for block in _blocks_to_compute(session, pair_blocks_, context)]
+    if len(pending) < len(pairs):
+        console.print(f"[yellow]skipped[/] {len(pairs) - len(pending)} of {len(pairs)} ordered pairs: already done "
+                      "with this config (use --overwrite to recompute)")
+    for units in pack_passes(to_compute, budget):
+        checkpoints: list[Checkpoint] = []
+
+        def compute(_pending: list[JobKey], units: list[Block] = units) -> dict[JobKey, dict[str, np.ndarray]]:
+            results, checkpoint = compute_pass(units, context)
+            checkpoints.append(checkpoint)
+            return results
+
+        run_units(store, [block.key for block in units], config, compute,
+                  lambda session, results, job_ids, units=units: write_pass(session, units, results, job_ids, context),
+                  overwrite=True, label=f"correlations {dataset.name} ({len(units)} units)")
+        for checkpoint in checkpoints:
+            checkpoint.delete()
+    for a, b in pending:
+        if len(blocks[a.id, b.id]) > 1:
+            _finish_sharded_pair(store, a, b, blocks[a.id, b.id], context)
+    print_universal_fractions(store, config.family, dataset)
+
+
+# -- the universal fraction of each model ---------------------------------------------------------
+
+UNIVERSAL_FRACTIONS = text("""
+SELECT model, seed, COUNT(*) AS n_neurons,
+       SUM(CASE WHEN is_universal THEN 1 ELSE 0 END) AS n_universal,
+       MIN(n_other_seeds) AS min_other_seeds, MAX(n_other_seeds) AS max_other_seeds,
+       MAX(universal_threshold) AS threshold
+FROM universal_neurons
+WHERE family = :family AND dataset_id = :dataset_id
+GROUP BY model, seed
+ORDER BY seed
+""")
+
+
+def universal_fractions(session: Session, family: str, dataset_id: int) -> list[dict[str, Any]]:
+    """Per model of the family: neurons, universal neurons, other seeds compared and the threshold, from the view."""
+    rows = session.execute(UNIVERSAL_FRACTIONS, {"family": family, "dataset_id": dataset_id}).mappings()
+    return [dict(row) for row in rows]
+
+
+def print_universal_fractions(store: Store, family: str, dataset: Dataset) -> None:
+    with store.session() as session:
+        fractions = universal_fractions(session, family, dataset.id)
+    for row in fractions:
+        share = row["n_universal"] / row["n_neurons"] if row["n_neurons"] else 0.0
+        seeds = row["max_other_seeds"]
+        console.print(f"universal {row['model']}: {row['n_universal']}/{row['n_neurons']} neurons ({100 * share:.2f}%) "
+                      f"with excess_corr > {row['threshold']:g} against {seeds} other seed(s) on {dataset.name}")
