@@ -46,7 +46,7 @@ from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_unit
 
 KIND = "correlations"
 SHARD_FORMAT = 1
-console = Console()
+console = Console(soft_wrap=True, highlight=False)
 
 
 @dataclass
@@ -147,8 +147,10 @@ def pair_key(a: Model, b: Model, dataset_id: int) -> JobKey:
 
 def pair_blocks(a: Model, b: Model, dataset_id: int, budget: int) -> list[Block]:
     """The pair as one block when it fits the budget (with its B layers' covariances), else its shards."""
-    n_a = a.n_layers * a.d_mlp
-    parts = memory_blocks(n_a, [b.d_mlp] * b.n_layers, budget, track_gram=True)
+    n_a, n_b = a.n_layers * a.d_mlp, b.n_layers * b.d_mlp
+    # memory_blocks counts each block's Gram matrices inside its accumulator; here they live in a separate
+    # covariance accumulator with its own B vectors (40 bytes a neuron): keep room for those
+    parts = memory_blocks(n_a, [b.d_mlp] * b.n_layers, max(budget - 40 * n_b, 0), track_gram=True)
     sharded = len(parts) > 1
     blocks = []
     for a_rows, b_layers in parts:
