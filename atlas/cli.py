@@ -182,6 +182,67 @@ def _register_jobs() -> None:
 _register_jobs()
 
 
+# --- seed families and the demo ------------------------------------------------------------------
+
+
+def parse_seeds(first: str, extra: list[str]) -> tuple[int, ...]:
+    """`--seeds 0 1 2` (the values after the first arrive as extra arguments) or `--seeds 0,1,2`."""
+    words = [word for item in [first, *extra] for word in item.replace(",", " ").split()]
+    try:
+        return tuple(int(word) for word in words)
+    except ValueError:
+        raise AtlasError(f"--seeds takes integers, e.g. --seeds 0 1 2; got {' '.join(words)!r}") from None
+
+
+@app.command("train-seeds", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_seeds(
+    ctx: typer.Context,
+    family: str = typer.Option(..., "--family", help="Family name; models are registered as FAMILY-seedS."),
+    seeds: str = typer.Option("0 1 2", "--seeds", help="Training seeds: --seeds 0 1 2 or --seeds 0,1,2."),
+    dataset: str = typer.Option(..., "--dataset", help="Registered dataset whose texts are trained on."),
+    layers: int = typer.Option(2, "--layers"),
+    d_model: int = typer.Option(128, "--d-model"),
+    d_mlp: int = typer.Option(512, "--d-mlp", help="MLP neurons per layer (not tied to 4 x d-model)."),
+    n_heads: int = typer.Option(4, "--heads"),
+    ctx_len: int = typer.Option(128, "--ctx", help="Training context length (documents are packed)."),
+    steps: int = typer.Option(1000, "--steps"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    lr: float = typer.Option(3e-3, "--lr"),
+    max_seconds: Optional[float] = typer.Option(125.0, "--max-seconds",
+                                                help="Wall-clock cap per seed; 0 for none (then training is "
+                                                     "reproducible bit for bit)."),
+    vocab_size: int = typer.Option(4096, "--vocab-size", help="Size of the family's byte-level BPE."),
+    text_bytes: int = typer.Option(16_000_000, "--text-bytes", help="Read the dataset's documents up to this many bytes."),
+    out_dir: str = typer.Option("atlas-models", "--out", help="Folder for FAMILY/seed-S model directories."),
+    db: Optional[str] = DbOption,
+) -> None:
+    """Train one GPT-2 per seed on a registered dataset (shared tokenizer), register them, store the curves."""
+    from atlas.training import TrainConfig
+    from ingest.train_seeds import TrainSeedsConfig, run
+
+    train = TrainConfig(layers=layers, d_model=d_model, d_mlp=d_mlp, n_heads=n_heads, ctx=ctx_len, steps=steps,
+                        batch_size=batch_size, lr=lr, max_seconds=max_seconds or None)
+    config = TrainSeedsConfig(family=family, dataset=dataset, seeds=parse_seeds(seeds, ctx.args), train=train,
+                              vocab_size=vocab_size, text_bytes=text_bytes, out=out_dir)
+    for outcome in run(config, open_store(db)):
+        verb = "reused" if outcome.reused else "trained"
+        bar = f" (unigram entropy {outcome.unigram_entropy:.3f})" if outcome.unigram_entropy is not None else ""
+        out.print(f"{verb} {outcome.model_name}: held-out loss {outcome.heldout_loss:.3f}{bar}, {outcome.model_dir}")
+
+
+@app.command("demo")
+def demo(
+    db: Optional[str] = DbOption,
+    out_dir: str = typer.Option("atlas-models", "--out", help="Folder for the trained models."),
+    quick: bool = typer.Option(False, "--quick", help="Train briefly (about 3 minutes in all); shows less."),
+) -> None:
+    """Train a 3-seed family on builtin:docstrings, run every ingest job, print a summary (<= 10 min on 2 cores)."""
+    from ingest.demo import DemoConfig, quick_config, run
+
+    config = DemoConfig(out=out_dir)
+    run(quick_config(config) if quick else config, open_store(db), console=out)
+
+
 # --- app -----------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,249 @@
+"""The train-seeds job: one GPT-2 per seed on a registered dataset's texts, registered and stored.
+
+Layout under <out>/<family>/: tokenizer/ (trained once, shared by every seed), seed-<s>/ (model and
+tokenizer in Hugging Face format, plus training.json), heldout.jsonl (the held-out documents, one
+JSON object per line, so analysis jobs can run on text no seed trained on), family.json (the
+family's data settings). A seed is reused when its training run is stored and its directory holds
+a model; a rerun with other settings is refused rather than mixed into the family.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from atlas.errors import AtlasError
+from atlas.registry import register_model, resolve_dataset
+from atlas.store import Store
+from atlas.store.schema import Dataset, TrainingCurve, TrainingRun
+from atlas.training import TrainConfig, TrainResult
+
+DEFAULT_TEXT_BYTES = 16_000_000  # the whole default builtin:docstrings corpus; ~5M tokens
+
+
+@dataclass(frozen=True)
+class TrainSeedsConfig:
+    """Train one GPT-2 per seed from scratch on a registered dataset's texts (shared tokenizer)."""
+
+    family: str
+    dataset: str
+    seeds: tuple[int, ...] = (0, 1, 2)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    vocab_size: int = 4096
+    text_bytes: int = DEFAULT_TEXT_BYTES   # read the dataset's documents up to this many UTF-8 bytes
+    heldout_fraction: float = 0.05
+    out: str = "atlas-models"
+
+
+@dataclass(frozen=True)
+class SeedOutcome:
+    seed: int
+    model_name: str
+    model_dir: Path
+    reused: bool
+    heldout_loss: float
+    unigram_entropy: float | None
+
+
+def family_dir(config: TrainSeedsConfig) -> Path:
+    return Path(config.out).expanduser().resolve() / config.family
+
+
+def seed_dir(config: TrainSeedsConfig, seed: int) -> Path:
+    return family_dir(config) / f"seed-{seed}"
+
+
+def heldout_path(config: TrainSeedsConfig) -> Path:
+    """Held-out documents of the family as .jsonl (written by run)."""
+    return family_dir(config) / "heldout.jsonl"
+
+
+def model_name(family: str, seed: int) -> str:
+    return f"{family}-seed{seed}"
+
+
+def data_settings(config: TrainSeedsConfig, dataset: Dataset) -> dict[str, Any]:
+    """What the shared tokenizer and rows depend on: the same for every seed of the family."""
+    return {"dataset": dataset.name, "source": dataset.source, "content_hash": dataset.content_hash,
+            "vocab_size": config.vocab_size, "text_bytes": config.text_bytes,
+            "heldout_fraction": config.heldout_fraction}
+
+
+def recipe(config: TrainSeedsConfig, dataset: Dataset) -> dict[str, Any]:
+    """Stored as training_runs.config; a reused seed must have been trained with this same recipe."""
+    return {"train": json.loads(json.dumps(asdict(config.train))), "data": data_settings(config, dataset)}
+
+
+def run(config: TrainSeedsConfig, store: Store) -> list[SeedOutcome]:
+    """Train (or reuse) every seed, register it and store its run and curve. Returns one outcome per seed."""
+    _check_config(config)
+    with store.session() as session:
+        dataset = resolve_dataset(session, config.dataset)
+    wanted = recipe(config, dataset)
+    _check_family_settings(config, wanted["data"])
+    done = _reusable_seeds(config, store, wanted)
+    outcomes = {seed: _reuse(config, store, seed) for seed in done}
+    pending = [seed for seed in config.seeds if seed not in done]
+    if pending:
+        outcomes.update(_train_pending(config, store, dataset, wanted, pending))
+    return [outcomes[seed] for seed in config.seeds]
+
+
+def _check_config(config: TrainSeedsConfig) -> None:
+    if not config.family.strip():
+        raise AtlasError("--family must not be empty")
+    if not config.seeds:
+        raise AtlasError("name at least one seed, e.g. --seeds 0 1 2")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise AtlasError(f"seeds repeat in {list(config.seeds)}: name each seed once")
+    if any(seed < 0 for seed in config.seeds):
+        raise AtlasError(f"seeds must be non-negative integers, got {list(config.seeds)}")
+    if config.text_bytes < 1:
+        raise AtlasError(f"--text-bytes must be positive, got {config.text_bytes}")
+
+
+def _check_family_settings(config: TrainSeedsConfig, settings: dict[str, Any]) -> None:
+    """family.json pins the data settings: seeds of one family must share tokenizer and rows."""
+    path = family_dir(config) / "family.json"
+    if not path.exists():
+        return
+    stored = json.loads(path.read_text())
+    differing = [f"{key} {stored.get(key)!r} (not {value!r})" for key, value in settings.items()
+                 if stored.get(key) != value]
+    if differing:
+        raise AtlasError(f"family {config.family!r} in {family_dir(config)} was trained with "
+                         f"{', '.join(differing)}: use another --family or --out")
+
+
+def _reusable_seeds(config: TrainSeedsConfig, store: Store, wanted: dict[str, Any]) -> set[int]:
+    """Seeds whose run is stored and whose model directory exists; a different recipe is an error."""
+    with store.session() as session:
+        runs = session.scalars(select(TrainingRun).where(
+            TrainingRun.family == config.family, TrainingRun.seed.in_(config.seeds))).all()
+    reusable = set()
+    for stored in runs:
+        if not (Path(stored.out_dir) / "config.json").exists():
+            continue  # the directory is gone: train the seed again
+        if stored.config != wanted:
+            raise AtlasError(f"seed {stored.seed} of family {config.family!r} was trained with other settings "
+                             f"({_difference(stored.config, wanted)}): use another --family")
+        reusable.add(stored.seed)
+    return reusable
+
+
+def _difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
+    pairs = [(f"{group}.{key}", stored.get(group, {}).get(key), value)
+             for group, values in wanted.items() for key, value in values.items()]
+    return ", ".join(f"{name} {old!r} now {new!r}" for name, old, new in pairs if old != new) or "config format"
+
+
+def _reuse(config: TrainSeedsConfig, store: Store, seed: int) -> SeedOutcome:
+    with store.session() as session:
+        stored = session.scalars(select(TrainingRun).where(
+            TrainingRun.family == config.family, TrainingRun.seed == seed)).one()
+    model, _ = register_model(store, stored.out_dir, family=config.family, seed=seed,
+                              name=model_name(config.family, seed))
+    if stored.model_id != model.id:
+        with store.transaction() as session:
+            session.get(TrainingRun, stored.id).model_id = model.id
+    return SeedOutcome(seed, model.name, Path(stored.out_dir), True, stored.heldout_loss, stored.unigram_entropy)
+
+
+def _train_pending(
+    config: TrainSeedsConfig, store: Store, dataset: Dataset, wanted: dict[str, Any], seeds: list[int]
+) -> dict[int, SeedOutcome]:
+    from atlas.training import prepare_corpus, train_seed, unigram_entropy
+    from ingest.progress import progress_bar, RateColumn
+
+    texts = read_texts(dataset, config.text_bytes)
+    tokenizer = _family_tokenizer(config, texts, wanted["data"])
+    corpus = prepare_corpus(texts, tokenizer, config.train.ctx, config.heldout_fraction)
+    bar_entropy = unigram_entropy(corpus.train_rows, corpus.heldout_rows, len(tokenizer))
+    outcomes = {}
+    tokens_per_step = config.train.batch_size * config.train.ctx
+    with progress_bar(RateColumn("tokens")) as progress:
+        for seed in seeds:
+            task = progress.add_task(f"{config.family} seed {seed}", total=config.train.steps * tokens_per_step)
+
+            def report(step: int, _total: int, loss: float, task=task, seed=seed) -> None:
+                progress.update(task, completed=step * tokens_per_step,
+                                description=f"{config.family} seed {seed} loss {loss:.3f}")
+
+            result = train_seed(config.train, seed, corpus.train_rows, corpus.heldout_rows,
+                                seed_dir(config, seed), tokenizer, progress=report)
+            progress.update(task, completed=config.train.steps * tokens_per_step)
+            outcomes[seed] = _store_seed(config, store, wanted, result, bar_entropy)
+    return outcomes
+
+
+def read_texts(dataset: Dataset, max_bytes: int) -> list[str]:
+    """The dataset's documents in source order, up to max_bytes of UTF-8 (the document that would pass it is left out)."""
+    from atlas.data import iter_documents
+
+    texts, total = [], 0
+    for text in iter_documents(dataset.source, dataset.split, dataset.text_field):
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if total + size > max_bytes:
+            break
+        texts.append(text)
+        total += size
+    if not texts:
+        raise AtlasError(f"dataset {dataset.name!r} yields no document within --text-bytes {max_bytes}: raise it")
+    return texts
+
+
+def _family_tokenizer(config: TrainSeedsConfig, texts: list[str], settings: dict[str, Any]):
+    """The family's tokenizer: loaded when an earlier run trained it, else trained on the training split."""
+    from transformers import PreTrainedTokenizerFast
+
+    from atlas.training import split_documents, train_bpe_tokenizer
+
+    directory = family_dir(config) / "tokenizer"
+    train_texts, heldout_texts = split_documents(texts, config.heldout_fraction)
+    _write_heldout(config, heldout_texts)
+    if (directory / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(str(directory))
+    tokenizer = train_bpe_tokenizer(train_texts, config.vocab_size, directory)
+    (family_dir(config) / "family.json").write_text(json.dumps(settings, indent=1))
+    return tokenizer
+
+
+def _write_heldout(config: TrainSeedsConfig, heldout_texts: list[str]) -> None:
+    path = heldout_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".jsonl.tmp")
+    with staging.open("w", encoding="utf-8") as lines:
+        for text in heldout_texts:
+            lines.write(json.dumps({"text": text}) + "\n")
+    staging.replace(path)
+
+
+def _store_seed(
+    config: TrainSeedsConfig, store: Store, wanted: dict[str, Any], result: TrainResult, bar_entropy: float
+) -> SeedOutcome:
+    directory = seed_dir(config, result.seed)
+    model, _ = register_model(store, str(directory), family=config.family, seed=result.seed,
+                              name=model_name(config.family, result.seed))
+    run_row = TrainingRun(
+        family=config.family, seed=result.seed, model_id=model.id, out_dir=str(directory), config=wanted,
+        steps=result.steps_done, tokens_seen=result.steps_done * config.train.batch_size * config.train.ctx,
+        train_loss=result.final_train_loss, heldout_loss=result.heldout_loss, unigram_entropy=bar_entropy,
+        seconds=result.seconds,
+    )
+    with store.transaction() as session:
+        session.execute(delete(TrainingRun).where(TrainingRun.family == config.family,
+                                                  TrainingRun.seed == result.seed))
+        session.add(run_row)
+        session.flush()
+        session.add_all(TrainingCurve(run_id=run_row.id, step=step, train_loss=train_loss, heldout_loss=heldout)
+                        for step, train_loss, heldout in result.curve)
+    if result.hit_time_cap:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[yellow]seed {result.seed} stopped at the --max-seconds cap after "
+                                   f"{result.steps_done} of {config.train.steps} steps[/]")
+    return SeedOutcome(result.seed, model.name, directory, False, result.heldout_loss, bar_entropy)
