@@ -32,3 +32,6 @@ def tiny_family(tmp_path_factory, tiny_tokenizer_dir) -> list[Path]:
 
 # Database fixtures (store, db_url, empty_db_url on SQLite and PostgreSQL).
 from tests.fixtures_db import db_url, empty_db_url, pg_server, pg_template, store  # noqa: E402,F401
+# Tiny models of every architecture after a few training steps (nonzero accuracy).
+from tests.fixtures_trained import trained_tiny_models  # noqa: E402,F401
+from tests.fixtures_filled import filled_any_db_url, filled_db_url, filled_docs_file  # noqa: E402,F401
