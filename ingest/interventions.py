@@ -20,7 +20,7 @@ from atlas.metrics.layers import MeanAccumulator, next_token_metrics
 from atlas.registry import resolve_dataset, resolve_models
 from atlas.store import Store
 from atlas.store.schema import Dataset, LayerIntervention, Model
-from ingest.next_token import check_options, open_tokens, require_positions, scored_batches
+from ingest.next_token import check_dataset, check_options, open_tokens, require_positions, scored_batches
 from ingest.options import DATASET, MODEL_OR_FAMILY, OVERWRITE, option
 from ingest.runner import JobKey, replace_rows, run_unit
 
@@ -128,6 +128,7 @@ def run(config: InterventionsConfig, store: Store) -> None:
     with store.session() as session:
         models = resolve_models(session, config.model, config.family)
         dataset = resolve_dataset(session, config.dataset)
+    check_dataset(dataset, config.tokens)
     for model_row in models:
         run_unit(
             store, JobKey(KIND, model_id=model_row.id, dataset_id=dataset.id), config,

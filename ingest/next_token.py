@@ -46,14 +46,18 @@ def check_options(tokens: int | None, batch_size: int) -> None:
         raise AtlasError(f"--tokens must be at least 1, got {tokens}")
 
 
-def open_tokens(dataset: Dataset, loaded: LoadedModel, tokens: int | None) -> tuple[TokenizedDataset, int]:
-    """The dataset's token rows for this model's tokenizer (cached) and how many rows to use."""
+def check_dataset(dataset: Dataset, tokens: int | None) -> None:
+    """Before any job starts: the dataset holds the tokens asked for and its source has not changed."""
     if tokens is not None and tokens > dataset.n_tokens:
         raise AtlasError(f"--tokens {tokens} exceeds the {dataset.n_tokens} tokens of dataset {dataset.name!r}: "
                          "register a larger dataset with `atlas dataset add`")
     if dataset_content_hash(dataset.source, dataset.split, dataset.text_field) != dataset.content_hash:
         raise AtlasError(f"the source of dataset {dataset.name!r} ({dataset.source}) changed since it was "
                          "registered: register it again under a new name")
+
+
+def open_tokens(dataset: Dataset, loaded: LoadedModel, tokens: int | None) -> tuple[TokenizedDataset, int]:
+    """The dataset's token rows for this model's tokenizer (cached) and how many rows to use."""
     rows = tokenize(dataset, loaded.tokenizer)
     return rows, rows.n_rows if tokens is None else rows.rows_for_tokens(tokens)
 
