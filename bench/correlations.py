@@ -1,4 +1,5 @@
-"""Benchmark: CorrelationAccumulator.update against a plain torch.matmul of the same shapes.
+"""Benchmark: CorrelationAccumulator.update against a plain torch.matmul of the same shapes, and
+(with --job) the whole `atlas ingest correlations` job on a small seed family built here.
 
 Both sides do the cross-product GEMM X^T Y of every batch (2 * tokens * n_a * n_b FLOPs); the
 accumulator also shifts, sums, tracks min/max, keeps the per-layer Gram matrices (unless
@@ -6,13 +7,24 @@ accumulator also shifts, sums, tracks min/max, keeps the per-layer Gram matrices
 share of the machine's GEMM speed that the accumulator achieves on useful work.
 
     python bench/correlations.py --tokens 8192 --batch 1024 --n-a 3072 --layer-sizes 3072
+
+The job benchmark registers --job-seeds randomly initialised GPT-2 models (built from a config with
+fixed seeds, saved with save_pretrained, sharing a byte-level BPE trained on builtin:docstrings) in a
+temporary SQLite store, and times the job over --job-tokens tokens of builtin:docstrings: every
+ordered pair, model forwards, accumulation, baselines and writes included. It prints tokens/s of the
+whole job (dataset tokens / wall time), the pair-GEMM FLOP/s that implies, and the peak RSS.
+
+    python bench/correlations.py --tokens 4096 --job --job-tokens 20000
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +41,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--flush-tokens", type=int, default=DEFAULT_FLUSH_TOKENS)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes of each; the best is kept")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--job", action="store_true", help="also time the whole correlations job")
+    parser.add_argument("--job-seeds", type=int, default=3, help="models in the family (ordered pairs: s * (s - 1))")
+    parser.add_argument("--job-layers", type=int, default=4)
+    parser.add_argument("--job-d-model", type=int, default=128)
+    parser.add_argument("--job-d-mlp", type=int, default=512)
+    parser.add_argument("--job-tokens", type=int, default=20000, help="dataset tokens (ctx 128)")
+    parser.add_argument("--job-budget", default="4GiB", help="--memory-budget of the job")
+    parser.add_argument("--job-batch-size", type=int, default=32, help="rows per batch")
     return parser.parse_args()
 
 
@@ -92,6 +112,60 @@ def main() -> None:
     print(f"tokens/s: update {tokens / update:,.0f}, matmul {tokens / plain:,.0f}")
     print(f"memory: accumulator holds {held / 2**20:,.1f} MiB; peak RSS {peak_kb / 1024:,.1f} MiB "
           f"(before timing {rss_before_kb / 1024:,.1f} MiB)")
+    if args.job:
+        bench_job(args)
+
+
+def build_family(root: Path, args: argparse.Namespace) -> list[Path]:
+    """Random GPT-2 models (seeds 0..), one shared tokenizer: real models, nothing downloaded."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from atlas.data import iter_documents
+    from atlas.training.tokenizer import train_bpe_tokenizer
+
+    texts = [text for _, text in zip(range(3000), iter_documents("builtin:docstrings", "train", "text"))]
+    tokenizer = train_bpe_tokenizer(texts, 2048, root / "tokenizer")
+    directories = []
+    for seed in range(args.job_seeds):
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=args.job_d_model,
+                            n_layer=args.job_layers, n_head=4, n_inner=args.job_d_mlp,
+                            bos_token_id=0, eos_token_id=0)
+        torch.manual_seed(seed)
+        directory = root / f"bench-gpt2-seed{seed}"
+        AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        directories.append(directory)
+    return directories
+
+
+def bench_job(args: argparse.Namespace) -> None:
+    from atlas.registry import register_dataset, register_model
+    from atlas.store import Store
+    from ingest.correlations import CorrelationsConfig, run
+
+    with tempfile.TemporaryDirectory() as temp:
+        root = Path(temp)
+        os.environ["ATLAS_CACHE_DIR"] = str(root / "cache")
+        store = Store(f"sqlite:///{root / 'bench.db'}")
+        for seed, directory in enumerate(build_family(root, args)):
+            register_model(store, str(directory), family="bench", seed=seed)
+        register_dataset(store, "docs", "builtin:docstrings", n_tokens=args.job_tokens, ctx_len=128)
+        config = CorrelationsConfig(family="bench", dataset="docs", memory_budget=args.job_budget,
+                                    batch_size=args.job_batch_size, checkpoint_every=0, checkpoint_seconds=0)
+        rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        run(config, store)
+        seconds = time.perf_counter() - start
+        store.dispose()
+    n = args.job_layers * args.job_d_mlp
+    pairs = args.job_seeds * (args.job_seeds - 1)
+    pair_flops = 2.0 * args.job_tokens * n * n * pairs
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"job: {args.job_seeds} seeds ({pairs} ordered pairs), {args.job_layers} x {args.job_d_mlp} = {n} neurons "
+          f"per model, {args.job_tokens:,} tokens, budget {args.job_budget}, {torch.get_num_threads()} threads")
+    print(f"job: {seconds:.2f} s, {args.job_tokens / seconds:,.0f} tokens/s of the whole job, "
+          f"{pair_flops / seconds / 1e9:.1f} GFLOP/s of pair GEMM (2 * tokens * N_A * N_B per pair)")
+    print(f"job: peak RSS {peak_kb / 1024:,.1f} MiB (before the job {rss_before_kb / 1024:,.1f} MiB)")
 
 
 if __name__ == "__main__":

@@ -307,6 +307,36 @@ def test_shards_resume_and_equal_the_unsharded_run(store, seed_dirs, docs_file, 
         assert sharded[a.id, b.id]["partner"] == whole["partner"]
 
 
+def test_interrupted_pass_resumes_from_its_checkpoint(store, seed_dirs, docs_file, monkeypatch, isolated_cache):
+    models = register_family(store, seed_dirs, docs_file, seeds=(0, 1))
+    run(config(tokens=1500, checkpoint_every=1), store)
+    uninterrupted = {(a.id, b.id): stored_pair(store, a, b)["raw"] for a, b in [models, models[::-1]]}
+    real_consume = job.CorrelationConsumer.consume
+    calls = {"n": 0, "resumed": 0}
+
+    def crash_after_three(self, step):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("simulated kill")
+        real_consume(self, step)
+
+    monkeypatch.setattr(job.CorrelationConsumer, "consume", crash_after_three)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(config(tokens=1500, checkpoint_every=1, overwrite=True), store)
+    assert len(list((isolated_cache / "checkpoints").glob("*.npz"))) == 1
+
+    def counting(self, step):
+        calls["resumed"] += 1
+        real_consume(self, step)
+
+    monkeypatch.setattr(job.CorrelationConsumer, "consume", counting)
+    run(config(tokens=1500, checkpoint_every=1, overwrite=True), store)
+    n_batches = -(-tokens_of(store, models[0]).rows_for_tokens(1500) // BATCH)
+    assert calls["resumed"] == n_batches - 3
+    assert {(a.id, b.id): stored_pair(store, a, b)["raw"] for a, b in [models, models[::-1]]} == uninterrupted
+    assert not list((isolated_cache / "checkpoints").glob("*.npz"))
+
+
 def test_pack_passes_respects_the_budget():
     shapes = dict(n_layers=3, d_mlp=96)
     a, b = Model(id=1, **shapes), Model(id=2, **shapes)
