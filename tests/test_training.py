@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import sysconfig
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
+from atlas.data.docstrings import collect_docstrings
 from atlas.errors import AtlasError
 from atlas.training.train import lr_at
 from atlas.training import (
@@ -34,28 +33,8 @@ MINI = TrainConfig(
 
 
 def stdlib_docstrings(max_bytes: int) -> list[str]:
-    """Docstrings of the standard library: atlas.data's corpus when importable, else read here."""
-    try:
-        from atlas.data.docstrings import iter_docstrings
-    except ImportError:  # atlas/data is being written in parallel; read the same text directly
-        return _read_stdlib_docstrings(max_bytes)
-    return list(iter_docstrings(max_bytes=max_bytes))
-
-
-def _read_stdlib_docstrings(max_bytes: int) -> list[str]:
-    texts, total = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        tree = ast.parse(path.read_bytes())
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
-                continue
-            text = ast.get_docstring(node)
-            if text and len(text) >= 32:
-                total += len(text.encode())
-                if total > max_bytes:
-                    return texts
-                texts.append(text)
-    return texts
+    """The first documents of builtin:docstrings (the standard library comes first), not cached."""
+    return collect_docstrings(max_bytes=max_bytes, use_cache=False).documents
 
 
 @pytest.fixture(scope="module")
