@@ -148,3 +148,19 @@ def test_failed_job_leaves_nothing(store, tiny_models, monkeypatch):
         assert session.scalar(select(func.count()).select_from(NeuronVocab)) == 0
         job = session.scalars(select(Job)).one()
     assert job.status == "failed" and "simulated out-of-memory" in job.error
+
+
+def test_zero_weight_vectors_give_null_not_a_crash(store, tiny_models, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"])
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[:, 3] = 0.0   # w_in of neuron 3 (Conv1D: [d_model, d_mlp])
+        model.transformer.h[0].mlp.c_proj.weight[5, :] = 0.0  # w_out of neuron 5
+    model.save_pretrained(tmp_path / "dead")
+    AutoTokenizer.from_pretrained(tiny_models["gpt2"]).save_pretrained(tmp_path / "dead")
+    registered, _ = register_model(store, str(tmp_path / "dead"), family="dead", seed=0)
+    run(WeightsConfig(model=registered.name), store)
+    with store.session() as session:
+        rows = {r.neuron: r for r in session.scalars(select(Neuron).where(Neuron.layer == 0))}
+    assert rows[3].w_in_norm == 0.0 and rows[3].in_out_cos is None and rows[3].vocab_kurt is not None
+    assert rows[5].w_out_norm == 0.0 and rows[5].in_out_cos is None
+    assert rows[5].vocab_mean is None and rows[5].vocab_class == "none"

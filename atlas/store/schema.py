@@ -116,10 +116,10 @@ class Neuron(Base):
     w_gate_norm: Mapped[Optional[float]] = mapped_column(Float)
     b_in: Mapped[Optional[float]] = mapped_column(Float)
     w_out_norm: Mapped[float] = mapped_column(Float)
-    in_out_cos: Mapped[float] = mapped_column(Float)
+    in_out_cos: Mapped[Optional[float]] = mapped_column(Float)  # NULL for a zero weight vector
     l2_penalty: Mapped[float] = mapped_column(Float)
-    vocab_mean: Mapped[float] = mapped_column(Float)
-    vocab_var: Mapped[float] = mapped_column(Float)
+    vocab_mean: Mapped[Optional[float]] = mapped_column(Float)  # NULL for a zero weight vector
+    vocab_var: Mapped[Optional[float]] = mapped_column(Float)  # NULL for a zero weight vector
     vocab_skew: Mapped[Optional[float]] = mapped_column(Float)
     vocab_kurt: Mapped[Optional[float]] = mapped_column(Float)
     vocab_class: Mapped[str] = mapped_column(String(20))

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-24 15:27:29.400742
+Create Date: 2026-11-24 15:57:38.453154
 """
 from typing import Sequence, Union
 
@@ -220,10 +220,10 @@ def upgrade() -> None:
     sa.Column('w_gate_norm', sa.Float(), nullable=True),
     sa.Column('b_in', sa.Float(), nullable=True),
     sa.Column('w_out_norm', sa.Float(), nullable=False),
-    sa.Column('in_out_cos', sa.Float(), nullable=False),
+    sa.Column('in_out_cos', sa.Float(), nullable=True),
     sa.Column('l2_penalty', sa.Float(), nullable=False),
-    sa.Column('vocab_mean', sa.Float(), nullable=False),
-    sa.Column('vocab_var', sa.Float(), nullable=False),
+    sa.Column('vocab_mean', sa.Float(), nullable=True),
+    sa.Column('vocab_var', sa.Float(), nullable=True),
     sa.Column('vocab_skew', sa.Float(), nullable=True),
     sa.Column('vocab_kurt', sa.Float(), nullable=True),
     sa.Column('vocab_class', sa.String(length=20), nullable=False),
