@@ -22,10 +22,11 @@ from atlas.training import TrainConfig
 from ingest.train_seeds import DEFAULT_TEXT_BYTES, TrainSeedsConfig, heldout_path
 from ingest.train_seeds import run as train_seeds
 
-# 2 layers x 1200 steps at ~17k tokens/s is ~115 s per seed on 2 idle cores (DEMO-NOTES); the cap
-# keeps 3 seeds under ~7 minutes on a busy machine, leaving time for the corpus and the analysis.
-DEMO_TRAINING = TrainConfig(layers=2, d_model=128, d_mlp=512, n_heads=4, ctx=128, steps=1200, batch_size=16,
-                            max_seconds=140.0)
+# Budget on 2 idle cores (DEMO-NOTES: 17.5k tokens/s for this shape): 1100 steps x 16 x 128 tokens is
+# ~130 s per seed, capped there; with the corpus (~30 s first time) and the analysis (~1.5 min) the
+# demo takes ~8.5 minutes. Two layers: at this budget four layers stay too undertrained to compare.
+DEMO_TRAINING = TrainConfig(layers=2, d_model=128, d_mlp=512, n_heads=4, ctx=128, steps=1100, batch_size=16,
+                            max_seconds=130.0)
 
 
 @dataclass(frozen=True)
