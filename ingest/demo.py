@@ -60,6 +60,9 @@ def quick_config(config: DemoConfig) -> DemoConfig:
 
 def run(config: DemoConfig, store: Store, console: Console | None = None) -> dict[str, float]:
     """Run the whole demo; returns the seconds per stage. The summary is printed from the database."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model load drowns the stages
     console = console or Console()
     seconds: dict[str, float] = {}
     seeds_config = TrainSeedsConfig(family=config.family, dataset=config.dataset, seeds=config.seeds,
