@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
-from atlas.data import TokenizedDataset, iter_documents, source_fingerprint
+from atlas.data import TokenizedDataset
 from atlas.errors import AtlasError
 from atlas.metrics.moments import StreamingMoments
 from atlas.metrics.topk import StreamingTopK
-from atlas.registry import dataset_content_hash, require_shared_tokenizer, resolve_dataset, resolve_models
+from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_models
 from atlas.store import Store
 from atlas.store.schema import ActivationStat, Dataset, Model, TopExample
+from ingest.datasets import check_context, check_dataset, tokenize
 from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
 from ingest.options import DATASET, MODEL_OR_FAMILY, OVERWRITE, option
 from ingest.runner import JobKey, config_hash, replace_rows, run_units, science_config
@@ -118,31 +119,6 @@ def _check_options(config: ActivationsConfig) -> None:
         raise AtlasError(f"--tokens must be at least 1, got {config.tokens}")
 
 
-def _check_dataset(dataset: Dataset, config: ActivationsConfig) -> None:
-    if config.tokens is not None and config.tokens > dataset.n_tokens:
-        raise AtlasError(f"--tokens {config.tokens} exceeds the {dataset.n_tokens} tokens of dataset "
-                         f"{dataset.name!r}: register a larger dataset with `atlas dataset add`")
-    if dataset_content_hash(dataset.source, dataset.split, dataset.text_field) != dataset.content_hash:
-        raise AtlasError(f"the source of dataset {dataset.name!r} ({dataset.source}) changed since it was "
-                         "registered: register it again under a new name")
-
-
-def tokenize(dataset: Dataset, tokenizer: Any) -> TokenizedDataset:
-    """The dataset's token rows for this tokenizer (cached on disk, shared by the jobs of a family)."""
-    documents = iter_documents(dataset.source, dataset.split, dataset.text_field)
-    return TokenizedDataset.build(
-        documents, tokenizer, dataset.n_tokens, dataset.ctx_len, dataset.sample_seed,
-        dataset_key=source_fingerprint(dataset.source, dataset.split, dataset.text_field),
-    )
-
-
-def _check_context(loaded, dataset: Dataset) -> None:
-    limit = getattr(loaded.config, "max_position_embeddings", None)
-    if limit is not None and dataset.ctx_len > limit:
-        raise AtlasError(f"dataset {dataset.name!r} has ctx {dataset.ctx_len} but {loaded.source} takes at most "
-                         f"{limit} positions: register a dataset with a smaller --ctx")
-
-
 # -- computing ----------------------------------------------------------------------------------
 
 def compute(models: list[Model], dataset: Dataset, config: ActivationsConfig) -> tuple[dict[int, ModelResults], Checkpoint]:
@@ -152,7 +128,7 @@ def compute(models: list[Model], dataset: Dataset, config: ActivationsConfig) ->
 
     loaded = [PassModel(m.id, load_model(m.source, m.revision)) for m in models]
     for model in loaded:
-        _check_context(model.loaded, dataset)
+        check_context(model.loaded, dataset)
         model.loaded.model.to(config.device)
     tokenizer = loaded[0].loaded.tokenizer
     tokens = tokenize(dataset, tokenizer)
@@ -235,7 +211,7 @@ def run(config: ActivationsConfig, store: Store) -> None:
         models = resolve_models(session, config.model, config.family)
         dataset = resolve_dataset(session, config.dataset)
     require_shared_tokenizer(models)
-    _check_dataset(dataset, config)
+    check_dataset(dataset, config.tokens)
     by_id = {m.id: m for m in models}
     checkpoints: list[Checkpoint] = []
 

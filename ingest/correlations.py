@@ -39,7 +39,7 @@ from atlas.metrics.correlation import (
 from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_models
 from atlas.store import Store
 from atlas.store.schema import Dataset, Model, NeuronCorrelation
-from ingest.activations import _check_context, _check_dataset, tokenize
+from ingest.datasets import check_context, check_dataset, tokenize
 from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
 from ingest.options import DATASET, OVERWRITE, option
 from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_unit, run_units, science_config
@@ -345,7 +345,7 @@ def compute_pass(blocks: list[Block], context: RunContext) -> tuple[dict[JobKey,
     model_ids = sorted({block.a_id for block in blocks} | {block.b_id for block in blocks})
     loaded = [PassModel(i, load_model(context.models[i].source, context.models[i].revision)) for i in model_ids]
     for model in loaded:
-        _check_context(model.loaded, dataset)
+        check_context(model.loaded, dataset)
         model.loaded.model.to(config.device)
     tokens = tokenize(dataset, loaded[0].loaded.tokenizer)
     n_rows = tokens.n_rows if config.tokens is None else tokens.rows_for_tokens(config.tokens)
@@ -401,7 +401,7 @@ def run(config: CorrelationsConfig, store: Store) -> None:
         models = resolve_models(session, None, config.family)
         dataset = resolve_dataset(session, config.dataset)
     _check_family(models, config.family)
-    _check_dataset(dataset, config)
+    check_dataset(dataset, config.tokens)
     context = RunContext(config, dataset, {m.id: m for m in models}, config_hash(science_config(config)))
     pairs = [(a, b) for a in models for b in models if a.id != b.id]
     with store.session() as session:

@@ -17,12 +17,11 @@ import torch
 from sqlalchemy.orm import Session
 
 from atlas.metrics.layers import MeanAccumulator, next_token_metrics
-from atlas.registry import resolve_dataset, resolve_models
 from atlas.store import Store
 from atlas.store.schema import Dataset, LayerIntervention, Model
-from ingest.next_token import check_dataset, check_options, open_tokens, require_positions, scored_batches
+from ingest.next_token import open_tokens, require_positions, run_per_model, scored_batches
 from ingest.options import DATASET, MODEL_OR_FAMILY, OVERWRITE, option
-from ingest.runner import JobKey, replace_rows, run_unit
+from ingest.runner import replace_rows
 
 KIND = "interventions"
 NONE = ("none", None)
@@ -124,15 +123,4 @@ def write(session: Session, model_id: int, dataset_id: int, columns: dict[str, l
 
 
 def run(config: InterventionsConfig, store: Store) -> None:
-    check_options(config.tokens, config.batch_size)
-    with store.session() as session:
-        models = resolve_models(session, config.model, config.family)
-        dataset = resolve_dataset(session, config.dataset)
-    check_dataset(dataset, config.tokens)
-    for model_row in models:
-        run_unit(
-            store, JobKey(KIND, model_id=model_row.id, dataset_id=dataset.id), config,
-            compute=lambda m=model_row: compute(m, dataset, config),
-            write=lambda session, columns, job_id, m=model_row: write(session, m.id, dataset.id, columns, job_id),
-            overwrite=config.overwrite, label=f"interventions {model_row.name} on {dataset.name}",
-        )
+    run_per_model(KIND, config, store, compute, write)

@@ -11,17 +11,19 @@ same positions, and a batch is dropped from memory before the next one is read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
 from atlas.data import TokenizedDataset
 from atlas.errors import AtlasError
 from atlas.metrics.layers import next_token_positions, next_tokens
-from atlas.registry import dataset_content_hash
+from atlas.registry import resolve_dataset, resolve_models
+from atlas.store import Store
 from atlas.store.schema import Dataset
-from ingest.activations import tokenize
+from ingest.datasets import check_dataset, tokenize
 from ingest.progress import RateColumn, progress_bar
+from ingest.runner import JobKey, run_unit
 
 if TYPE_CHECKING:  # transformers is slow to import: the CLI imports this module at start-up
     from atlas.modeling import LoadedModel
@@ -44,16 +46,6 @@ def check_options(tokens: int | None, batch_size: int) -> None:
         raise AtlasError(f"--batch-size must be at least 1, got {batch_size}")
     if tokens is not None and tokens < 1:
         raise AtlasError(f"--tokens must be at least 1, got {tokens}")
-
-
-def check_dataset(dataset: Dataset, tokens: int | None) -> None:
-    """Before any job starts: the dataset holds the tokens asked for and its source has not changed."""
-    if tokens is not None and tokens > dataset.n_tokens:
-        raise AtlasError(f"--tokens {tokens} exceeds the {dataset.n_tokens} tokens of dataset {dataset.name!r}: "
-                         "register a larger dataset with `atlas dataset add`")
-    if dataset_content_hash(dataset.source, dataset.split, dataset.text_field) != dataset.content_hash:
-        raise AtlasError(f"the source of dataset {dataset.name!r} ({dataset.source}) changed since it was "
-                         "registered: register it again under a new name")
 
 
 def open_tokens(dataset: Dataset, loaded: LoadedModel, tokens: int | None) -> tuple[TokenizedDataset, int]:
@@ -85,3 +77,22 @@ def require_positions(n_positions: int, dataset: Dataset) -> None:
     if n_positions == 0:
         raise AtlasError(f"dataset {dataset.name!r} has no position with a next token to score (only special "
                          "tokens or one-token rows?): register a dataset with more text")
+
+
+def run_per_model(kind: str, config: Any, store: Store, compute: Callable, write: Callable) -> None:
+    """The loop of a per-model next-token job: one ledger unit per model of --model/--family on --dataset.
+
+    compute(model_row, dataset, config) -> result; write(session, model_id, dataset_id, result, job_id) -> rows.
+    """
+    check_options(config.tokens, config.batch_size)
+    with store.session() as session:
+        models = resolve_models(session, config.model, config.family)
+        dataset = resolve_dataset(session, config.dataset)
+    check_dataset(dataset, config.tokens)
+    for model_row in models:
+        run_unit(
+            store, JobKey(kind, model_id=model_row.id, dataset_id=dataset.id), config,
+            compute=lambda m=model_row: compute(m, dataset, config),
+            write=lambda session, result, job_id, m=model_row: write(session, m.id, dataset.id, result, job_id),
+            overwrite=config.overwrite, label=f"{kind} {model_row.name} on {dataset.name}",
+        )

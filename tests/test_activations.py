@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from atlas.data import TokenizedDataset
 from atlas.errors import AtlasError
+from ingest.datasets import tokenize
 from atlas.registry import register_dataset, register_model
 from atlas.store.schema import ActivationStat, Dataset, Job, Model, TopExample
 from ingest import activations as job
@@ -55,7 +56,7 @@ def family(store, tiny_family, docs_file):
 def tokens_of(store, model: Model) -> TokenizedDataset:
     with store.session() as session:
         dataset = session.scalars(select(Dataset)).one()
-    return job.tokenize(dataset, AutoTokenizer.from_pretrained(model.source))
+    return tokenize(dataset, AutoTokenizer.from_pretrained(model.source))
 
 
 def reference_activations(model: Model, tokens: TokenizedDataset, batch_size: int):

@@ -20,7 +20,7 @@ from atlas.metrics.correlation import CorrelationAccumulator, random_orthogonal
 from atlas.registry import register_dataset, register_model
 from atlas.store.schema import Dataset, Job, Model, NeuronCorrelation
 from ingest import correlations as job
-from ingest.activations import tokenize
+from ingest.datasets import tokenize
 from ingest.correlations import CorrelationsConfig, parse_bytes, run
 from tests.tiny import build_tiny_model, build_tokenizer, docstring_texts
 

@@ -23,7 +23,7 @@ from atlas.metrics.layers import next_token_positions, next_tokens
 from atlas.modeling import final_residual, load_model, residual_states
 from atlas.registry import register_dataset, register_model
 from atlas.store.schema import Dataset, LayerIntervention, Model
-from ingest.activations import tokenize
+from ingest.datasets import tokenize
 from ingest.interventions import InterventionsConfig, interventions, measure, run
 from ingest.next_token import ScoredBatch
 from tests.tiny import ARCHITECTURES, CONTEXT, docstring_texts

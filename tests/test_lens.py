@@ -22,7 +22,7 @@ from atlas.metrics.layers import next_token_positions, next_tokens, previous_tok
 from atlas.modeling import load_model
 from atlas.registry import register_dataset, register_model
 from atlas.store.schema import LayerStat, LogitLens
-from ingest.activations import tokenize
+from ingest.datasets import tokenize
 from ingest.interventions import InterventionsConfig
 from ingest.interventions import run as run_interventions
 from ingest.lens import LensConfig, measure, run
