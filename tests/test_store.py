@@ -136,3 +136,22 @@ def test_ledger_skip_overwrite_and_failure(store, monkeypatch):
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(Job).where(Job.status == "done")) == 1
     assert not math.isnan(sum(r.value for r in _toy_rows(store, model_id)))
+
+
+def test_migrations_match_the_models_and_views(tmp_path):
+    """A schema or view change without a migration is caught here."""
+    import importlib.util
+
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from atlas.store.db import MIGRATIONS_DIR
+
+    store = Store(f"sqlite:///{tmp_path / 'head.db'}")
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == [], f"the models differ from the migrations: {diff}"
+    spec = importlib.util.spec_from_file_location("m0001", MIGRATIONS_DIR / "versions" / "0001_initial_schema.py")
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    assert migration.VIEWS == VIEWS

@@ -9,13 +9,81 @@ from typing import Sequence, Union
 from alembic import op
 import sqlalchemy as sa
 
-from atlas.store.views import create_views, drop_views
 
 
 revision: str = '0001'
 down_revision: Union[str, None] = None
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
+
+
+# The views as they were at this revision (frozen here: later revisions change views in their own files).
+VIEWS = {
+    'universal_neurons': """
+CREATE VIEW universal_neurons AS
+SELECT m.name AS model, m.family, m.seed, c.model_id, d.name AS dataset, c.dataset_id, c.layer, c.neuron,
+       COUNT(c.max_corr) AS n_other_seeds,
+       AVG(c.max_corr) AS mean_max_corr,
+       AVG(c.baseline_max_corr) AS mean_baseline_corr,
+       AVG(c.max_corr) - AVG(c.baseline_max_corr) AS excess_corr,
+       (AVG(c.max_corr) - AVG(c.baseline_max_corr) > MAX(c.universal_threshold)) AS is_universal,
+       MAX(c.universal_threshold) AS universal_threshold
+FROM neuron_correlations c
+JOIN models m ON m.id = c.model_id
+JOIN datasets d ON d.id = c.dataset_id
+GROUP BY m.name, m.family, m.seed, c.model_id, d.name, c.dataset_id, c.layer, c.neuron
+""",
+    'neuron_atlas': """
+CREATE VIEW neuron_atlas AS
+SELECT m.family, m.seed, m.name AS model, n.model_id, n.layer,
+       CASE WHEN m.n_layers > 1 THEN CAST(n.layer AS DOUBLE PRECISION) / (m.n_layers - 1) ELSE 0.0 END AS rel_depth,
+       n.neuron, n.w_in_norm, n.w_gate_norm, n.b_in, n.w_out_norm, n.in_out_cos, n.l2_penalty,
+       n.vocab_mean, n.vocab_var, n.vocab_skew, n.vocab_kurt, n.vocab_class,
+       d.name AS dataset, a.dataset_id,
+       a.n AS act_n, a.mean AS act_mean, a.var AS act_var, a.skew AS act_skew, a.kurt AS act_kurt,
+       a.max AS act_max, a.min AS act_min, a.frac_active,
+       u.n_other_seeds, u.mean_max_corr, u.mean_baseline_corr, u.excess_corr, u.is_universal
+FROM neurons n
+JOIN models m ON m.id = n.model_id
+LEFT JOIN activation_stats a ON a.model_id = n.model_id AND a.layer = n.layer AND a.neuron = n.neuron
+LEFT JOIN datasets d ON d.id = a.dataset_id
+LEFT JOIN universal_neurons u ON u.model_id = n.model_id AND u.layer = n.layer AND u.neuron = n.neuron
+     AND u.dataset_id = COALESCE(a.dataset_id, u.dataset_id)
+""",
+    'layer_profile': """
+CREATE VIEW layer_profile AS
+WITH layer_keys AS (
+    SELECT model_id, dataset_id, layer FROM layer_stats
+    UNION
+    SELECT model_id, dataset_id, layer FROM layer_interventions WHERE kind = 'delete'
+), class_counts AS (
+    SELECT model_id, layer,
+           COUNT(*) AS n_neurons,
+           SUM(CASE WHEN vocab_class = 'prediction' THEN 1 ELSE 0 END) AS n_prediction,
+           SUM(CASE WHEN vocab_class = 'suppression' THEN 1 ELSE 0 END) AS n_suppression,
+           SUM(CASE WHEN vocab_class = 'partition' THEN 1 ELSE 0 END) AS n_partition
+    FROM neurons GROUP BY model_id, layer
+)
+SELECT m.family, m.seed, m.name AS model, k.model_id, d.name AS dataset, k.dataset_id, k.layer,
+       CASE WHEN m.n_layers > 1 THEN CAST(k.layer AS DOUBLE PRECISION) / (m.n_layers - 1) ELSE 0.0 END AS rel_depth,
+       c.n_neurons, c.n_prediction, c.n_suppression, c.n_partition,
+       ll.kl_to_final AS lens_kl, ll.entropy_nats AS lens_entropy_nats, ll.entropy_bits AS lens_entropy_bits,
+       ll.top1_agreement AS lens_top1_agreement, ll.accuracy AS lens_accuracy,
+       del.kl AS delete_kl, del.accuracy_retention AS delete_retention, del.loss_delta AS delete_loss_delta,
+       sw.kl AS swap_kl, sw.accuracy_retention AS swap_retention,
+       s.attn_prev5, s.attn_out_norm, s.mlp_out_norm
+FROM layer_keys k
+JOIN models m ON m.id = k.model_id
+JOIN datasets d ON d.id = k.dataset_id
+LEFT JOIN class_counts c ON c.model_id = k.model_id AND c.layer = k.layer
+LEFT JOIN logit_lens ll ON ll.model_id = k.model_id AND ll.dataset_id = k.dataset_id AND ll.layer = k.layer + 1
+LEFT JOIN layer_interventions del
+     ON del.model_id = k.model_id AND del.dataset_id = k.dataset_id AND del.kind = 'delete' AND del.layer = k.layer
+LEFT JOIN layer_interventions sw
+     ON sw.model_id = k.model_id AND sw.dataset_id = k.dataset_id AND sw.kind = 'swap' AND sw.layer = k.layer
+LEFT JOIN layer_stats s ON s.model_id = k.model_id AND s.dataset_id = k.dataset_id AND s.layer = k.layer
+""",
+}
 
 
 def upgrade() -> None:
@@ -241,11 +309,13 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('run_id', 'step', name=op.f('pk_training_curves'))
     )
 
-    create_views(op.execute)
+    for sql in VIEWS.values():
+        op.execute(sql)
 
 
 def downgrade() -> None:
-    drop_views(op.execute)
+    for name in reversed(VIEWS):
+        op.execute(f"DROP VIEW IF EXISTS {name}")
     op.drop_table('training_curves')
     op.drop_table('neurons')
     op.drop_table('neuron_correlations')
