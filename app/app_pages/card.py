@@ -69,7 +69,7 @@ def render() -> None:
     info, layer, neuron = _choose_neuron(engine, model_names)
     model = info["name"]
     st.caption(f"{model} · family {info['family']} · seed {info['seed']} · {info['architecture']} · "
-               f"layer {layer} of {info['n_layers']} · neuron {neuron} of {info['d_mlp']}")
+               f"layer {layer} of 0–{info['n_layers'] - 1} · neuron {neuron} of 0–{info['d_mlp'] - 1}")
     _show_weights(engine, info, layer, neuron)
     _show_activations(engine, info, layer, neuron)
     _show_partners(engine, info, layer, neuron)
@@ -84,8 +84,10 @@ def _show_weights(engine, info: dict, layer: int, neuron: int) -> None:
     st.markdown(f"Class: **{weights['vocab_class']}**")
     shown = [(label, weights[key]) for key, label in WEIGHT_METRICS
              if weights[key] is not None and not (isinstance(weights[key], float) and math.isnan(weights[key]))]
-    for column, (label, value) in zip(st.columns(len(shown)), shown):
-        column.metric(label, charts.number(value, ".4g"))
+    per_row = 4  # eight metrics in one row truncate their values
+    for start in range(0, len(shown), per_row):
+        for column, (label, value) in zip(st.columns(per_row), shown[start:start + per_row]):
+            column.metric(label, charts.number(value, ".4g"))
     vocab = queries.neuron_vocab(engine, info["name"], layer, neuron)
     if not vocab.empty:
         st.markdown("Top and bottom vocabulary tokens (W_U · w_out)")
