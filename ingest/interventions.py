@@ -19,8 +19,7 @@ from sqlalchemy.orm import Session
 from atlas.metrics.layers import MeanAccumulator, next_token_metrics
 from atlas.store import Store
 from atlas.store.schema import Dataset, LayerIntervention, Model
-from ingest.next_token import open_tokens, require_positions, run_per_model, scored_batches
-from ingest.options import DATASET, MODEL_OR_FAMILY, OVERWRITE, option
+from ingest.next_token import NextTokenConfig, open_tokens, require_positions, run_per_model, scored_batches
 from ingest.runner import replace_rows
 
 KIND = "interventions"
@@ -28,18 +27,9 @@ NONE = ("none", None)
 
 
 @dataclass
-class InterventionsConfig:
+class InterventionsConfig(NextTokenConfig):
     """KL to the unmodified model, top-1 agreement, accuracy (and retention), loss and entropy after
     deleting each layer and swapping each adjacent pair."""
-
-    model: str | None = MODEL_OR_FAMILY["model"]()
-    family: str | None = MODEL_OR_FAMILY["family"]()
-    dataset: str | None = DATASET()
-    tokens: int | None = option(None, "Use only the first rows of the dataset holding this many tokens (default: all).")
-    exclude_special_tokens: bool = option(True, "Do not score predictions made from a special token (BOS) as input.")
-    batch_size: int = option(8, "Rows (documents) per batch.", run_option=True)
-    device: str = option("cpu", "Torch device to run the model on (cpu, cuda, cuda:1, mps).", run_option=True)
-    overwrite: bool = OVERWRITE()
 
 
 @dataclass(frozen=True)

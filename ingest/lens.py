@@ -22,26 +22,16 @@ from atlas.metrics.layers import (PREVIOUS_TOKENS_WINDOW, MeanAccumulator, next_
                                   previous_token_attention, write_norms)
 from atlas.store import Store
 from atlas.store.schema import Dataset, LayerStat, LogitLens, Model
-from ingest.next_token import open_tokens, require_positions, run_per_model, scored_batches
-from ingest.options import DATASET, MODEL_OR_FAMILY, OVERWRITE, option
+from ingest.next_token import NextTokenConfig, open_tokens, require_positions, run_per_model, scored_batches
 from ingest.runner import replace_rows
 
 KIND = "lens"
 
 
 @dataclass
-class LensConfig:
+class LensConfig(NextTokenConfig):
     """Logit lens (KL to the final distribution, entropy, top-1 agreement, accuracy) at every residual
     state, and per layer the attention to the previous five tokens and the sub-layer write norms."""
-
-    model: str | None = MODEL_OR_FAMILY["model"]()
-    family: str | None = MODEL_OR_FAMILY["family"]()
-    dataset: str | None = DATASET()
-    tokens: int | None = option(None, "Use only the first rows of the dataset holding this many tokens (default: all).")
-    exclude_special_tokens: bool = option(True, "Do not score predictions made from a special token (BOS) as input.")
-    batch_size: int = option(8, "Rows (documents) per batch.", run_option=True)
-    device: str = option("cpu", "Torch device to run the model on (cpu, cuda, cuda:1, mps).", run_option=True)
-    overwrite: bool = OVERWRITE()
 
 
 @dataclass

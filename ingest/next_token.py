@@ -22,11 +22,26 @@ from atlas.registry import resolve_dataset, resolve_models
 from atlas.store import Store
 from atlas.store.schema import Dataset
 from ingest.datasets import check_dataset, tokenize
+from ingest.options import DATASET, MODEL_OR_FAMILY, OVERWRITE, option
 from ingest.progress import RateColumn, progress_bar
 from ingest.runner import JobKey, run_unit
 
 if TYPE_CHECKING:  # transformers is slow to import: the CLI imports this module at start-up
     from atlas.modeling import LoadedModel
+
+
+@dataclass
+class NextTokenConfig:
+    """The options of every next-token job (interventions, lens); each job subclasses it with its docstring."""
+
+    model: str | None = MODEL_OR_FAMILY["model"]()
+    family: str | None = MODEL_OR_FAMILY["family"]()
+    dataset: str | None = DATASET()
+    tokens: int | None = option(None, "Use only the first rows of the dataset holding this many tokens (default: all).")
+    exclude_special_tokens: bool = option(True, "Do not score predictions made from a special token (BOS) as input.")
+    batch_size: int = option(8, "Rows (documents) per batch.", run_option=True)
+    device: str = option("cpu", "Torch device to run the model on (cpu, cuda, cuda:1, mps).", run_option=True)
+    overwrite: bool = OVERWRITE()
 
 
 @dataclass
