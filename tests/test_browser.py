@@ -26,8 +26,8 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--virtual-time-budget=15000", "--window-size=1400,2400",
 ]
-PAGES = {  # url path -> page title
-    "overview": "Neuron Atlas",
+PAGES = {  # url path -> page title; the default page (Overview) lives at the root
+    "": "Neuron Atlas",
     "sql": "SQL",
     "families": "Neuron families",
     "card": "Neuron card",
@@ -123,10 +123,12 @@ def test_every_page_renders_in_chromium(app_url: str, filled_db_url: str, screen
     model, card_query = _a_neuron_query(filled_db_url)
     for path, title in PAGES.items():
         url = f"{app_url}/{path}" + (f"?{card_query}" if path == "card" else "")
-        dom = _load(url, screenshot_dir / f"{path}.png", tmp_path / f"profile-{path}", title)
+        name = path or "overview"
+        dom = _load(url, screenshot_dir / f"{name}.png", tmp_path / f"profile-{name}", title)
         assert f">{title}</span>" in dom, f"{url}: title {title!r} not rendered"
         assert "Traceback" not in dom and 'data-testid="stException"' not in dom, f"{url}: exception shown"
         assert 'data-testid="stAlertContentError"' not in dom, f"{url}: error shown"
-        assert (screenshot_dir / f"{path}.png").stat().st_size > 10_000
+        assert "Page not found" not in dom, f"{url}: Streamlit does not know this page"
+        assert (screenshot_dir / f"{name}.png").stat().st_size > 10_000
         if path == "card":
             assert model in dom and "atlas-example" in dom, "the card did not open the linked neuron"
