@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from atlas.data import Batch, TokenizedDataset
 from atlas.data.cache import cache_dir, stable_hash
@@ -134,6 +135,9 @@ def run_family_pass(
     first_batch = checkpoint.load(consumers) if checkpoint else 0
     n_tokens = int(dataset.lengths[:n_rows].sum())
     done_tokens = int(dataset.lengths[: min(first_batch * batch_size, n_rows)].sum())
+    if first_batch:
+        Console(stderr=True).print(f"resuming {label} from its checkpoint: {done_tokens:,} of {n_tokens:,} tokens "
+                                   f"already done ({checkpoint.path})", highlight=False)
     with progress_bar(RateColumn("tokens")) as bar:
         task = bar.add_task(label, total=n_tokens, completed=done_tokens)
         for offset, batch in enumerate(dataset.batches(batch_size, first_batch=first_batch, n_rows=n_rows)):
