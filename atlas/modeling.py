@@ -7,8 +7,6 @@ weights are read.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -20,11 +18,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from atlas.adapters import Adapter, adapter_for
+from atlas.data.tokens import tokenizer_hash
 from atlas.errors import AtlasError
 
 HUB_PROBE_TIMEOUT_S = 3.0
-# Tokenizer settings that change how a call pads or truncates, not how text becomes ids.
-_RUNTIME_TOKENIZER_KEYS = ("truncation", "padding")
 
 
 @dataclass
@@ -110,20 +107,6 @@ def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
 
     found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     return isinstance(found, str)
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's canonical JSON (sorted keys): equal for tokenizers that encode alike."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        definition = json.loads(backend.to_str())
-        for key in _RUNTIME_TOKENIZER_KEYS:
-            definition.pop(key, None)
-    else:  # a slow (pure Python) tokenizer: its vocabulary and special tokens define it
-        definition = {"vocab": tokenizer.get_vocab(), "class": type(tokenizer).__name__}
-    definition["special_tokens"] = {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items())}
-    canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def model_summary(loaded: LoadedModel) -> dict[str, Any]:

@@ -58,18 +58,23 @@ class Batch:
 def tokenizer_hash(tokenizer: Any) -> str:
     """Identifies what a tokenizer does to text: its full fast-tokenizer state and special ids.
 
-    Runtime truncation/padding settings are left out: transformers changes them per call.
+    The one identity of a tokenizer in the atlas: models.tokenizer_hash and the token cache keys.
+    Runtime truncation/padding settings are left out: transformers changes them per call. A slow
+    (pure Python) tokenizer is identified by its class and vocabulary.
     """
-    _require_fast(tokenizer)
-    state = json.loads(tokenizer.backend_tokenizer.to_str())
-    state.pop("truncation", None)
-    state.pop("padding", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+    else:
+        state = {"class": type(tokenizer).__name__, "vocab": tokenizer.get_vocab()}
     return stable_hash({
         "state": state,
         "bos": tokenizer.bos_token_id,
         "pad": _pad_id(tokenizer),
         "special": sorted(tokenizer.all_special_ids),
-    })
+    }, length=64)  # a full sha256: it is stored as the identity of a model's tokenizer
 
 
 class TokenizedDataset:
