@@ -102,7 +102,10 @@ class Checkpoint:
             return int(saved["__next_batch__"])
 
     def delete(self) -> None:
+        """Remove the checkpoint and any staging file a killed writer left half-written."""
         self.path.unlink(missing_ok=True)
+        for stale in self.path.parent.glob(f"{self.key}.*.tmp.npz"):
+            stale.unlink(missing_ok=True)
 
 
 def model_activations(loaded: LoadedModel, batch: Batch, device: torch.device) -> torch.Tensor:

@@ -60,6 +60,19 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, tiny_family, filled_d
     assert rerun.returncode == 0, stderr
     assert "resum" in stderr.lower(), f"the rerun did not resume from the checkpoint: {stderr[-500:]}"
     assert table_dump(killed) == table_dump(reference)
-    assert not any(checkpoints.glob("*.npz"))  # deleted once the rows were committed
+    assert not any(checkpoints.iterdir())  # deleted once the rows were committed, half-written staging too
     reference.dispose()
     killed.dispose()
+
+
+def test_delete_removes_a_staging_file_left_by_a_killed_writer(tmp_path):
+    from ingest.family_pass import Checkpoint
+
+    checkpoint = Checkpoint({"job": "x"}, directory=tmp_path)
+    checkpoint.save(3, {})
+    half_written = tmp_path / f"{checkpoint.key}.12345.tmp.npz"  # what SIGKILL during np.savez leaves
+    half_written.write_bytes(b"PK\x03\x04 truncated")
+    other_job = tmp_path / "another-key.999.tmp.npz"
+    other_job.write_bytes(b"")
+    checkpoint.delete()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other_job.name]
