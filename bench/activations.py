@@ -57,22 +57,30 @@ def build_model(directory: Path, args: argparse.Namespace) -> Path:
     return directory
 
 
-def main() -> None:
-    args = parse_args()
+def model_and_tokens(args: argparse.Namespace, name: str):
+    """The seeded random GPT-2 of `args` (loaded) and --tokens tokens of builtin:docstrings for it,
+    in a fresh temporary cache; shared by the benchmarks so they measure the same setup."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="bench-activations-"))
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     os.environ.setdefault("ATLAS_CACHE_DIR", str(work / "cache"))
 
     from atlas.data import TokenizedDataset, iter_documents
     from atlas.data.sources import DOCSTRINGS_SOURCE, source_fingerprint
     from atlas.modeling import load_model
-    from ingest.activations import ActivationStatsConsumer, ActivationsConfig, _model_results
-    from ingest.family_pass import PassModel, run_family_pass
 
     loaded = load_model(str(build_model(work / "model", args)))
     tokens = TokenizedDataset.build(iter_documents(DOCSTRINGS_SOURCE), loaded.tokenizer, args.tokens, args.ctx,
                                     dataset_key=source_fingerprint(DOCSTRINGS_SOURCE))
+    return loaded, tokens
+
+
+def main() -> None:
+    args = parse_args()
+    from ingest.activations import ActivationStatsConsumer, ActivationsConfig, _model_results
+    from ingest.family_pass import PassModel, run_family_pass
+
+    loaded, tokens = model_and_tokens(args, "activations")
     batches = list(tokens.batches(args.batch_size))
     n_tokens = sum(int(b.lengths.sum()) for b in batches)
     n_layers, d_mlp = loaded.adapter.n_layers(loaded.model), loaded.adapter.d_mlp(loaded.model)

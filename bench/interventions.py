@@ -15,17 +15,14 @@ ratio (time per intervened pass / time per bare pass) and peak memory.
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.activations import build_model  # noqa: E402  (the same seeded random GPT-2 and tokenizer)
+from bench.activations import model_and_tokens, peak_rss_mib  # noqa: E402  (the same model, text, memory)
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,26 +37,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="bench-interventions-"))
-    os.environ.setdefault("ATLAS_CACHE_DIR", str(work / "cache"))
-
-    from atlas.data import TokenizedDataset, iter_documents
-    from atlas.data.sources import DOCSTRINGS_SOURCE, source_fingerprint
-    from atlas.modeling import load_model
     from ingest.interventions import NONE, measure
     from ingest.next_token import scored_batches
 
-    loaded = load_model(str(build_model(work / "model", args)))
-    tokens = TokenizedDataset.build(iter_documents(DOCSTRINGS_SOURCE), loaded.tokenizer, args.tokens, args.ctx,
-                                    dataset_key=source_fingerprint(DOCSTRINGS_SOURCE))
+    loaded, tokens = model_and_tokens(args, "interventions")
     batches = list(scored_batches(tokens, tokens.n_rows, loaded, batch_size=args.batch_size,
                                   exclude_special_tokens=True, device="cpu", label="prepare batches"))
     n_layers = loaded.adapter.n_layers(loaded.model)
