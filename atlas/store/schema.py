@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import JSON, DateTime, func, Float, ForeignKey, Index, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, func, Float, ForeignKey, Index, MetaData, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -59,6 +59,9 @@ class Model(Base):
     d_mlp: Mapped[int]
     vocab_size: Mapped[int]
     tokenizer_hash: Mapped[str] = mapped_column(String(64))
+    # sha256 over the parameters' bytes: refuses a second copy of a seed, keys checkpoints on content.
+    # NULL only for models registered before revision 0002.
+    weights_hash: Mapped[Optional[str]] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
 
     __table_args__ = (UniqueConstraint("family", "seed"),)
@@ -77,6 +80,20 @@ class Dataset(Base):
     sample_seed: Mapped[int] = mapped_column(default=0)
     content_hash: Mapped[str] = mapped_column(String(64))
     n_documents: Mapped[Optional[int]]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+
+
+class DatasetTokens(Base):
+    """What a dataset really gives under one tokenizer: written when its token cache is built or read."""
+
+    __tablename__ = "dataset_tokens"
+
+    dataset_id: Mapped[int] = _dataset_fk()
+    tokenizer_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    n_tokens: Mapped[int]  # non-pad tokens held, BOS included (TokenizedDataset.n_tokens)
+    n_rows: Mapped[int]
+    n_truncated_tokens: Mapped[int]
+    source_exhausted: Mapped[bool]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
 
 
@@ -99,8 +116,18 @@ class Job(Base):
     error: Mapped[Optional[str]] = mapped_column(Text)
     atlas_version: Mapped[str] = mapped_column(String(50))
     n_rows: Mapped[Optional[int]]
+    # The claim: at most one `running` row per claim_key (a partial unique index), held by pid on host,
+    # alive while heartbeat_at moves. A claim whose heartbeat stopped is marked `abandoned`.
+    claim_key: Mapped[Optional[str]] = mapped_column(String(400))
+    pid: Mapped[Optional[int]]
+    host: Mapped[Optional[str]] = mapped_column(String(255))
+    heartbeat_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index("ix_jobs_lookup", "kind", "model_id", "dataset_id", "other_model_id", "status"),)
+    __table_args__ = (
+        Index("ix_jobs_lookup", "kind", "model_id", "dataset_id", "other_model_id", "status"),
+        Index("uq_jobs_running_claim", "claim_key", unique=True,
+              sqlite_where=text("status = 'running'"), postgresql_where=text("status = 'running'")),
+    )
 
 
 # --- weights (no data) ---------------------------------------------------------------------------
