@@ -32,7 +32,7 @@ def _open_store(url: str) -> Store:
 
 @st.cache_resource(show_spinner=False)
 def _open_console_engine(url: str) -> Engine:
-    return queries.console_engine(url, _open_store(url).engine)
+    return queries.console_engine(url)
 
 
 def store() -> Store:
@@ -50,7 +50,10 @@ def engine() -> Engine:
 
 
 def console_engine() -> Engine:
-    """The SQL console's engine: a separate read-only one for SQLite, the shared one for PostgreSQL."""
+    """The SQL console's engine: the SQLite file opened read-only, or PostgreSQL as the reader role.
+
+    A console that would run as a role able to write stops the page with what to run instead.
+    """
     try:
         return _open_console_engine(store().url)
     except AtlasError as error:

@@ -7,21 +7,13 @@ PostgreSQL (no dialect branches except the console's read-only connection).
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
-import time
-import urllib.parse
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine, bindparam, create_engine, inspect, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy import Engine, bindparam, inspect, text
 
-from app.sql_guard import PRAGMAS_WITH_ARGUMENT, PRAGMAS_WITHOUT_ARGUMENT, check_read_only_sql
-from atlas.errors import AtlasError
+from atlas.store import read_only
 from atlas.store.schema import Base
 
 REL_DEPTH = "CASE WHEN m.n_layers > 1 THEN CAST({layer} AS DOUBLE PRECISION) / (m.n_layers - 1) ELSE 0.0 END"
@@ -89,15 +81,17 @@ def datasets(engine: Engine) -> pd.DataFrame:
         FROM datasets ORDER BY name""")
 
 
-def jobs(engine: Engine, limit: int = 500) -> pd.DataFrame:
-    frame = _frame(engine, """
+def jobs(engine: Engine, limit: int = 500, status: str | None = None, kind: str | None = None) -> pd.DataFrame:
+    filters = [f"j.{name} = :{name}" for name, value in (("status", status), ("kind", kind)) if value is not None]
+    frame = _frame(engine, f"""
         SELECT j.id, j.kind, m.name AS model, d.name AS dataset, o.name AS other_model, j.shard, j.status,
-               j.started_at, j.finished_at, j.n_rows, j.error, j.atlas_version
+               j.pid, j.host, j.heartbeat_at, j.started_at, j.finished_at, j.n_rows, j.error, j.atlas_version
         FROM jobs j
         LEFT JOIN models m ON m.id = j.model_id
         LEFT JOIN datasets d ON d.id = j.dataset_id
         LEFT JOIN models o ON o.id = j.other_model_id
-        ORDER BY j.id DESC LIMIT :limit""", limit=limit)
+        {"WHERE " + " AND ".join(filters) if filters else ""}
+        ORDER BY j.id DESC LIMIT :limit""", limit=limit, status=status, kind=kind)
     started = pd.to_datetime(frame["started_at"], utc=True, format="mixed")
     finished = pd.to_datetime(frame["finished_at"], utc=True, format="mixed")
     frame.insert(frame.columns.get_loc("finished_at") + 1, "duration_s", (finished - started).dt.total_seconds())
@@ -368,89 +362,12 @@ EXAMPLE_QUERIES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class ConsoleResult:
-    frame: pd.DataFrame
-    truncated: bool  # more rows than the row limit existed
-    seconds: float
-    statement: str
-
-
-def console_engine(url: str, shared_engine: Engine) -> Engine:
-    """SQLite: a separate engine on the file opened read-only. PostgreSQL: the shared engine (each
-    console query runs in its own READ ONLY transaction, see execute_read_only)."""
-    if shared_engine.dialect.name != "sqlite":
-        return shared_engine
-    path = make_url(url).database
-    if not path or path == ":memory:" or path.startswith("file:"):
-        raise AtlasError("the SQL console needs an SQLite database file: use --db sqlite:///path/to/atlas.db")
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-
-    def connect() -> sqlite3.Connection:
-        connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        connection.execute("PRAGMA query_only = ON")
-        connection.set_authorizer(_sqlite_read_only_authorizer)  # also refuses ATTACH of a writable file
-        return connection
-
-    return create_engine("sqlite://", creator=connect, poolclass=NullPool)
-
-
-_SQLITE_READ_ACTIONS = frozenset({
-    sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE,
-    sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT,
-})
-
-
-def _sqlite_read_only_authorizer(action: int, arg1: str | None, arg2: str | None, *_: Any) -> int:
-    """SQLite's own check, statement by statement: reads pass, anything else is denied."""
-    if action in _SQLITE_READ_ACTIONS:
-        return sqlite3.SQLITE_OK
-    if action == sqlite3.SQLITE_PRAGMA and arg1 is not None:
-        name = arg1.lower()
-        readable = PRAGMAS_WITHOUT_ARGUMENT | {"read_uncommitted"}  # SQLAlchemy reads it on connect
-        if name in PRAGMAS_WITH_ARGUMENT or (arg2 is None and name in readable):
-            return sqlite3.SQLITE_OK
-    return sqlite3.SQLITE_DENY
-
-
-def execute_read_only(engine: Engine, statement: str, row_limit: int, timeout_s: float) -> ConsoleResult:
-    """Run one statement on a read-only connection, with a time limit, keeping at most row_limit rows.
-
-    No guard here: this is the database-level protection (tested on its own) that the guard sits on.
-    """
-    started = time.perf_counter()
-    dbapi_error = engine.dialect.dbapi.Error
-    is_sqlite = engine.dialect.name == "sqlite"
-    with engine.connect() as conn:
-        raw = conn.connection.dbapi_connection
-        cursor = raw.cursor()
-        try:
-            if is_sqlite:
-                deadline = started + timeout_s
-                raw.set_progress_handler(lambda: int(time.perf_counter() > deadline), 10_000)
-            else:
-                cursor.execute("SET TRANSACTION READ ONLY")
-                cursor.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout_s * 1000))}")
-            cursor.execute(statement)  # no parameters: '%' in LIKE patterns stays literal for psycopg
-            columns = [column[0] for column in cursor.description or []]
-            rows = cursor.fetchmany(row_limit + 1) if columns else []
-        except dbapi_error as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            if is_sqlite and "interrupted" in message:
-                message = f"stopped after the {timeout_s:g} s time limit"
-            raise AtlasError(f"query failed: {message}") from None
-        finally:
-            cursor.close()
-            raw.rollback()
-            if is_sqlite:
-                raw.set_progress_handler(None, 0)
-    frame = pd.DataFrame.from_records(rows[:row_limit], columns=columns)
-    return ConsoleResult(frame, len(rows) > row_limit, time.perf_counter() - started, statement)
-
-
-def run_console_query(engine: Engine, sql: str, row_limit: int = 1000, timeout_s: float = 10.0) -> ConsoleResult:
-    """The console's execution path: the guard (raises SqlRefused), then the read-only execution."""
-    return execute_read_only(engine, check_read_only_sql(sql), row_limit, timeout_s)
+# The console's engine and execution live in the library (atlas.store.read_only): the database,
+# not a parser, keeps it read-only; the same path serves every read-only SQL entry point.
+ConsoleResult = read_only.ConsoleResult
+console_engine = read_only.console_engine
+execute_read_only = read_only.execute_read_only
+run_console_query = read_only.run_console_query
 
 
 def schema_columns(engine: Engine) -> pd.DataFrame:

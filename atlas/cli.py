@@ -69,6 +69,27 @@ def db_current(db: Optional[str] = DbOption) -> None:
     out.print(f"{store.display_url}: at {store.current_revision() or 'base'}, head is {head_revision()}")
 
 
+@db_app.command("create-reader")
+def db_create_reader(
+    db: Optional[str] = typer.Option(None, "--db", help="ADMIN URL of the atlas database (a superuser), e.g. "
+                                     "postgresql://postgres@HOST/atlas. Default: $ATLAS_DATABASE_URL.",
+                                     show_default=False),
+    role: str = typer.Option("atlas_reader", "--role", help="Name of the read-only role the SQL console connects as."),
+    password: Optional[str] = typer.Option(None, "--password", envvar="ATLAS_READER_PASSWORD", show_default=False,
+                                           help="Password of the role (default: $ATLAS_READER_PASSWORD; none for "
+                                                "trust or peer authentication)."),
+    timeout: int = typer.Option(60, "--timeout", help="The role's default statement timeout in seconds (the console "
+                                                      "sets a shorter one per query)."),
+) -> None:
+    """Create or update the PostgreSQL role the SQL console connects as: SELECT on the atlas only (idempotent)."""
+    from atlas.store.read_only import create_reader
+
+    store = open_store(db, check=False)
+    for line in create_reader(store.engine, role, password, timeout):
+        out.print(line)
+    out.print(f"the app's SQL console connects as {role}; set ATLAS_READER_URL if it must use another URL")
+
+
 # --- models --------------------------------------------------------------------------------------
 
 
@@ -248,14 +269,18 @@ def demo(
 
 @app.command("app")
 def run_app(db: Optional[str] = DbOption,
-            port: int = typer.Option(8501, "--port", help="Port to serve the app on.")) -> None:
+            port: int = typer.Option(8501, "--port", help="Port to serve the app on."),
+            reader_db: Optional[str] = typer.Option(
+                None, "--reader-db", envvar="ATLAS_READER_URL", show_default=False,
+                help="PostgreSQL URL the SQL console connects with (default: the --db URL as user atlas_reader, "
+                     "password $ATLAS_READER_PASSWORD). Made by `atlas db create-reader`.")) -> None:
     """Open the atlas app (Streamlit) on the database."""
     from atlas.store import resolve_url
 
     url = resolve_url(db)
     open_store(url)  # fail here, in one line, if the database is missing or not migrated
     main_py = Path(__file__).resolve().parent.parent / "app" / "main.py"
-    env = {**os.environ, "ATLAS_DATABASE_URL": url}
+    env = {**os.environ, "ATLAS_DATABASE_URL": url, **({"ATLAS_READER_URL": reader_db} if reader_db else {})}
     out.print(f"Neuron Atlas app on http://localhost:{port} (database {url})")
     cmd = [sys.executable, "-m", "streamlit", "run", str(main_py), "--server.port", str(port),
            "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--db", url]

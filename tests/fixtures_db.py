@@ -14,7 +14,11 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
 from atlas.store import Store
+from atlas.store.read_only import create_reader
 
 PG_URL = os.environ.get("ATLAS_TEST_POSTGRES_URL")
 _counter = itertools.count()
@@ -49,6 +53,14 @@ class PostgresServer:
     def url_of(self, name: str) -> str:
         return _sqlalchemy(self.url, name)
 
+    def create_atlas(self, template: str) -> str:
+        """A fresh migrated atlas (copied from template) with its console role, as `atlas db create-reader`."""
+        url = self.url_of(self.create(template=template))
+        engine = create_engine(url, poolclass=NullPool)
+        create_reader(engine)
+        engine.dispose()
+        return url
+
     def drop_all(self) -> None:
         for name in reversed(self.created):
             self.admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -82,7 +94,7 @@ def db_url(request, tmp_path) -> str:
         Store(url).dispose()
         return url
     server = request.getfixturevalue("pg_server")
-    return server.url_of(server.create(template=request.getfixturevalue("pg_template")))
+    return server.create_atlas(request.getfixturevalue("pg_template"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

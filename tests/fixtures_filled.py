@@ -55,7 +55,7 @@ def filled_any_db_url(request, tmp_path_factory, tiny_family, filled_docs_file) 
     if request.param == "sqlite":
         return request.getfixturevalue("filled_db_url")
     server = request.getfixturevalue("pg_server")
-    url = server.url_of(server.create(template=request.getfixturevalue("pg_template")))
+    url = server.create_atlas(request.getfixturevalue("pg_template"))
     fill(url, tiny_family, filled_docs_file)
     return url
 

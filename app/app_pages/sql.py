@@ -1,4 +1,4 @@
-"""SQL console: read-only for real (see app.sql_guard and app.queries.execute_read_only)."""
+"""SQL console: read-only in the database itself (see atlas.store.read_only), friendly refusals from a parser."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ TIMEOUT_S = 15.0
 def render() -> None:
     st.title("SQL")
     st.caption(
-        "One read-only statement at a time (SELECT, WITH, VALUES, EXPLAIN, read-only PRAGMA). "
-        f"SQLite opens the file read-only; PostgreSQL runs a READ ONLY transaction; {TIMEOUT_S:g} s time limit."
+        "One read-only statement at a time (SELECT, WITH, VALUES, TABLE, EXPLAIN, SHOW, read-only PRAGMA). "
+        "SQLite opens the file read-only; PostgreSQL connects as the atlas_reader role, which can only SELECT "
+        f"the atlas's tables and views; {TIMEOUT_S:g} s time limit."
     )
     if queries.families(connection.engine()).empty:
         guidance.show_empty_database()

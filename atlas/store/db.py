@@ -21,6 +21,7 @@ from atlas.errors import AtlasError
 
 DEFAULT_URL = "sqlite:///atlas.db"
 MIGRATIONS_DIR = Path(migrations.__file__).parent
+SQLITE_BUSY_TIMEOUT_S = 60.0
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -57,8 +58,10 @@ def _enable_sqlite_foreign_keys(engine: Engine) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    engine = create_engine(url, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
+    # Concurrent jobs write briefly (claims, heartbeats): a SQLite writer waits for the lock, not fails.
+    sqlite = make_url(url).get_backend_name() == "sqlite"
+    engine = create_engine(url, pool_pre_ping=True, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S} if sqlite else {})
+    if sqlite:
         _enable_sqlite_foreign_keys(engine)
     return engine
 
@@ -106,6 +109,10 @@ class Store:
             cfg = _alembic_config(self.url)
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
+            if conn.dialect.name == "postgresql":
+                from atlas.store.read_only import grant_reader_select
+
+                grant_reader_select(conn)  # new or recreated tables and views stay readable by the console
 
     def downgrade(self, revision: str = "base") -> None:
         with self.engine.begin() as conn:
