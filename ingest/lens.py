@@ -5,8 +5,9 @@ last block: the adapter's captures give h_0..h_L (h_L before the final norm, whi
 last hidden state already includes), each block's attention and MLP writes, and each block's
 attention to the previous five tokens (reduced as the probabilities are made). The lens at state
 l is unembed(final_norm(h_l)), the norm's statistics taken from h_l itself; the final
-distribution is the lens at h_L, i.e. the model's own logits. All on the scored positions of
-ingest/next_token.py; attn_prev5 on those of them with q >= 5.
+distribution is the lens at h_L, i.e. the model's own logits. The lens on the scored positions of
+ingest/next_token.py (a prediction needs a next token); the layer statistics on every counted
+position (non-special, the last token of a row included), attn_prev5 on those with q >= 5.
 """
 
 from __future__ import annotations
@@ -55,12 +56,12 @@ def measure(loaded, batches) -> MeanAccumulator:
             for state, hidden in enumerate(states):
                 logits = adapter.logits_from_residual(model, hidden[batch.positions])
                 sums.add(("lens", state), next_token_metrics(logits, batch.targets, reference=final))
-            late_queries = batch.positions.clone()
+            late_queries = batch.counted.clone()
             late_queries[:, :PREVIOUS_TOKENS_WINDOW] = False  # fewer than five previous tokens
             for layer in range(len(writes.attention)):
                 sums.add(("stats", layer), {
-                    "attn_out_norm": write_norms(writes.attention[layer], batch.positions),
-                    "mlp_out_norm": write_norms(writes.mlp[layer], batch.positions),
+                    "attn_out_norm": write_norms(writes.attention[layer], batch.counted),
+                    "mlp_out_norm": write_norms(writes.mlp[layer], batch.counted),
                     "attn_prev5": writes.attention_probs[layer][late_queries],
                 })
     return sums

@@ -50,6 +50,13 @@ class ScoredBatch:
     attention_mask: torch.Tensor  # long [b, T], on the device
     positions: torch.Tensor       # bool [b, T], on the device: the scored positions
     targets: torch.Tensor         # long [n] on CPU: token t+1 of each scored position, in row-major order
+    # bool [b, T] on the device: every real position (non-special unless asked), the last one of a row
+    # included. Layer statistics average over these; only predictions need a next token.
+    counted: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.counted is None:
+            self.counted = self.attention_mask.bool()
 
     @property
     def n_positions(self) -> int:
@@ -83,8 +90,10 @@ def scored_batches(
             positions = next_token_positions(batch.attention_mask, counted, max_positions)
             width = positions.shape[1]
             if positions.any():
+                real = batch.attention_mask[:, :width].bool()
+                counted = real & batch.stat_mask[:, :width] if exclude_special_tokens else real
                 yield ScoredBatch(batch.input_ids[:, :width].to(target), batch.attention_mask[:, :width].to(target),
-                                  positions.to(target), next_tokens(batch.input_ids, positions))
+                                  positions.to(target), next_tokens(batch.input_ids, positions), counted.to(target))
             bar.advance(task, int(batch.lengths.sum()))
 
 

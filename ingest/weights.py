@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from atlas.errors import AtlasError
+from atlas.metrics.weights import PARTITION_VARIANCE_SCALE
 from atlas.registry import resolve_models
 from atlas.store import Store
 from atlas.store.schema import Model, Neuron, NeuronVocab
@@ -24,8 +26,15 @@ class WeightsConfig:
     fold_final_norm: bool = option(True, "Fold the final norm's scale into W_U before the vocabulary cosines (paper).")
     center: bool = option(True, "For LayerNorm models, centre W_U over the vocabulary and w_out over d_model (paper).")
     top_k: int = option(20, "How many top and bottom vocabulary tokens to store per neuron.")
+    weights: str = option("processed", "Weights for the norms and cosines: 'processed' (the paper's TransformerLens "
+                                       "processing: each norm's scale folded into the weights that read through it, "
+                                       "its bias into b_in, LayerNorm models centred over d_model) or 'raw' (as "
+                                       "stored in the checkpoint).")
     kurtosis_threshold: float = option(10.0, "Vocabulary kurtosis above which a neuron is prediction/suppression.")
-    variance_threshold: float = option(0.005, "Vocabulary variance above which a neuron is a partition neuron.")
+    partition_scale: float = option(PARTITION_VARIANCE_SCALE,
+                                    "A neuron is a partition neuron when its vocabulary variance exceeds "
+                                    "SCALE / d_model (5.12 / 1024 = 0.005, the paper's value for GPT-2 medium; "
+                                    "a random direction gives about 1 / d_model).")
     chunk_mb: int = option(256, "Memory bound of one neurons x vocabulary chunk, in MiB.", run_option=True)
 
 
@@ -37,16 +46,44 @@ class LayerWeights:
     vocab: dict[str, np.ndarray]
 
 
+WEIGHT_CHOICES = ("processed", "raw")
+
+
+def check_options(config: WeightsConfig) -> None:
+    if config.weights not in WEIGHT_CHOICES:
+        raise AtlasError(f"--weights must be one of {', '.join(WEIGHT_CHOICES)}, got {config.weights!r}")
+    if config.partition_scale <= 0:
+        raise AtlasError(f"--partition-scale must be positive, got {config.partition_scale}")
+
+
+def block_weights(adapter, block, processed: bool) -> dict:
+    """w_in, w_gate, b_in, w_out of one block, raw or processed as TransformerLens does (float64)."""
+    from atlas.metrics.weights import fold_norm_bias, process_reading_weights, process_w_out
+
+    w_in, w_out, b_in, w_gate = adapter.w_in(block), adapter.w_out(block), adapter.b_in(block), adapter.w_gate(block)
+    if not processed:
+        return {"w_in": w_in, "w_gate": w_gate, "b_in": b_in, "w_out": w_out}
+    center = adapter.final_norm_kind == "layernorm"
+    gamma, beta = adapter.mlp_norm_scale(block), adapter.mlp_norm_bias(block)
+    return {
+        "w_in": process_reading_weights(w_in, gamma, center=center),
+        "w_gate": None if w_gate is None else process_reading_weights(w_gate, gamma, center=center),
+        "b_in": fold_norm_bias(b_in, w_in, beta),
+        "w_out": process_w_out(w_out, center=center),
+    }
+
+
 def analyse_layer(loaded, layer: int, config: WeightsConfig, token_strings: list[str]) -> LayerWeights:
     """Pure computation for one block: the adapter says where the weights are, metrics do the math."""
-    from atlas.metrics.weights import classify, vocab_effects, weight_stats
+    from atlas.metrics.weights import classify, partition_threshold, vocab_effects, weight_stats
 
     adapter, model = loaded.adapter, loaded.model
     block = adapter.blocks(model)[layer]
-    w_in, w_out, b_in, w_gate = adapter.w_in(block), adapter.w_out(block), adapter.b_in(block), adapter.w_gate(block)
-    stats = weight_stats(w_in, w_out, b_in)
-    if w_gate is not None:
-        stats["w_gate_norm"] = np.linalg.norm(w_gate.double().numpy(), axis=1)
+    weights = block_weights(adapter, block, processed=config.weights == "processed")
+    stats = weight_stats(weights["w_in"], weights["w_out"], weights["b_in"])
+    if weights["w_gate"] is not None:
+        stats["w_gate_norm"] = np.linalg.norm(np.asarray(weights["w_gate"].double()), axis=1)
+    w_out = adapter.w_out(block)  # the vocabulary effects process it themselves (--center)
     vocab_size = len(token_strings)
     unembed, _ = adapter.unembedding(model)
     gamma = adapter.final_norm_scale(model) if config.fold_final_norm else None
@@ -61,7 +98,8 @@ def analyse_layer(loaded, layer: int, config: WeightsConfig, token_strings: list
         **stats,
         "vocab_mean": effects.mean, "vocab_var": effects.var, "vocab_skew": effects.skew, "vocab_kurt": effects.kurt,
         "vocab_class": classify(effects.kurt, effects.skew, effects.var,
-                                kurt_threshold=config.kurtosis_threshold, var_threshold=config.variance_threshold),
+                                kurt_threshold=config.kurtosis_threshold,
+                                var_threshold=partition_threshold(w_out.shape[1], config.partition_scale)),
     }
     return LayerWeights(neurons=neurons, vocab=_vocab_rows(layer, effects, token_strings))
 
@@ -115,6 +153,7 @@ def write(session, model_id: int, layers: list[LayerWeights], job_id: int) -> in
 
 
 def run(config: WeightsConfig, store: Store) -> None:
+    check_options(config)
     with store.session() as session:
         models = resolve_models(session, config.model, config.family)
     for model_row in models:

@@ -67,8 +67,9 @@ def prev5_by_loops(probs: np.ndarray, queries: list[int]) -> list[float]:
     return values
 
 
-def reference_row(model, arch: str, ids: np.ndarray, positions: list[int]) -> dict[str, list]:
-    """Per state: kl/entropy/agreement/accuracy arrays; per layer: attention and MLP write norms, prev5 values."""
+def reference_row(model, arch: str, ids: np.ndarray, positions: list[int], counted: list[int]) -> dict[str, list]:
+    """Per state on the scored `positions`: kl/entropy/agreement/accuracy arrays; per layer on every counted
+    (non-special) position, the last token of the row included: attention and MLP write norms, prev5 values."""
     blocks = model.get_submodule(NAMES[arch][0])
     writes: dict[str, list[torch.Tensor]] = {"attn": [], "mlp": []}
     handles = []
@@ -94,9 +95,9 @@ def reference_row(model, arch: str, ids: np.ndarray, positions: list[int]) -> di
             "kl": (np.exp(log_final) * (log_final - log_q)).sum(-1), "entropy": -(np.exp(log_q) * log_q).sum(-1),
             "top1_agreement": (logits.argmax(-1) == final.argmax(-1)), "accuracy": (logits.argmax(-1) == targets),
         })
-    stats = [{"attn_out_norm": np.linalg.norm(f64(writes["attn"][l][0, positions]), axis=-1),
-              "mlp_out_norm": np.linalg.norm(f64(writes["mlp"][l][0, positions]), axis=-1),
-              "attn_prev5": prev5_by_loops(f64(out.attentions[l][0]), positions)} for l in range(n_layers)]
+    stats = [{"attn_out_norm": np.linalg.norm(f64(writes["attn"][l][0, counted]), axis=-1),
+              "mlp_out_norm": np.linalg.norm(f64(writes["mlp"][l][0, counted]), axis=-1),
+              "attn_prev5": prev5_by_loops(f64(out.attentions[l][0]), counted)} for l in range(n_layers)]
     return {"lens": lens, "stats": stats}
 
 
@@ -179,8 +180,9 @@ def test_job_rows_equal_float64_numpy_on_cut_rows(store, trained_tiny_models, do
     for row in range(token_rows.n_rows):
         ids = token_rows.row(row)
         positions = scored_positions(ids, special, CONTEXT)
+        counted = [t for t in range(min(len(ids), CONTEXT)) if ids[t] not in special]
         if positions:
-            reference = reference_row(model, arch, ids, positions)
+            reference = reference_row(model, arch, ids, positions, counted)
             for collected, computed in zip(lens + stats, reference["lens"] + reference["stats"]):
                 for name, values in computed.items():
                     collected[name].extend(np.asarray(values, dtype=float))

@@ -11,7 +11,8 @@ could mutate into the model: callers may `.double()` / `.clone()` freely):
 - w_out(block)  -> [d_mlp, d_model]  the neuron's row of the down-projection
 - b_out(block)  -> [d_model] or None
 - unembedding(model) -> (W_U [d_model, vocab], b_U [vocab] or None)
-- final_norm_scale(model) -> gamma [d_model]; final_norm_kind: "layernorm" | "rmsnorm"
+- final_norm_scale(model) -> gamma [d_model]; final_norm_kind: "layernorm" | "rmsnorm" (every norm of the model)
+- mlp_norm_scale(block), mlp_norm_bias(block) -> gamma, beta [d_model] of the norm the MLP reads through
 
 Residual stream, sub-layers and attention (for interventions and the logit lens):
 - capture_residual_stream(model): h_0 (embeddings, the input of block 0) .. h_L (output of the
@@ -129,6 +130,14 @@ class Adapter:
 
     def final_norm_scale(self, model: nn.Module) -> torch.Tensor:
         return _owned(self.final_norm(model).weight)
+
+    def mlp_norm_scale(self, block: nn.Module) -> torch.Tensor:
+        """gamma [d_model] of the norm the MLP reads through (folded into w_in / w_gate when processing)."""
+        return _owned(self.mlp_input_norm(block).weight)
+
+    def mlp_norm_bias(self, block: nn.Module) -> torch.Tensor | None:
+        """beta [d_model] of that norm (LayerNorm), None for RMSNorm (folded into b_in when processing)."""
+        return _optional(getattr(self.mlp_input_norm(block), "bias", None))
 
     # -- residual stream and logit lens ----------------------------------------------------
     def logits_from_residual(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

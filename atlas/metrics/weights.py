@@ -65,13 +65,36 @@ class VocabEffects:
 
 
 def process_unembedding(W_U: ArrayLike, gamma: ArrayLike | None, *, center: bool) -> torch.Tensor:
-    """Paper-compatible W_U: diag(gamma) W_U, then (LayerNorm models) minus its mean column."""
+    """Paper-compatible W_U (TransformerLens fold_ln + center_unembed): diag(gamma) W_U; for LayerNorm
+    models (center=True) each column centred over d_model (the norm's output is centred, so only that
+    part is read) and the mean column subtracted (softmax ignores a constant over the vocabulary)."""
     processed = as_float64_tensor(W_U)
     if gamma is not None:
         processed = as_float64_tensor(gamma)[:, None] * processed  # a new tensor, W_U untouched
     if center:
+        processed = processed - processed.mean(dim=0, keepdim=True)
         processed = processed - processed.mean(dim=1, keepdim=True)
     return processed
+
+
+def process_reading_weights(w: ArrayLike, gamma: ArrayLike | None, *, center: bool) -> torch.Tensor:
+    """Weights that read the residual stream through a norm (w_in, w_gate), rows [d_mlp, d_model]:
+    gamma folded in (TransformerLens fold_ln), then, for LayerNorm (center=True), each row centred
+    over d_model."""
+    processed = as_float64_tensor(w)
+    if gamma is not None:
+        processed = processed * as_float64_tensor(gamma)[None, :]
+    if center:
+        processed = processed - processed.mean(dim=1, keepdim=True)
+    return processed
+
+
+def fold_norm_bias(b: ArrayLike | None, w: ArrayLike, beta: ArrayLike | None) -> np.ndarray | None:
+    """The bias after folding the norm's beta: b + w . beta (w the raw reading weights [d_mlp, d_model])."""
+    if beta is None:
+        return None if b is None else as_float64_tensor(b).numpy().copy()
+    folded = as_float64_tensor(w) @ as_float64_tensor(beta)
+    return (folded if b is None else as_float64_tensor(b) + folded).numpy()
 
 
 def process_w_out(w_out: ArrayLike, *, center: bool) -> torch.Tensor:
@@ -134,6 +157,15 @@ def _chunk_effects(
     )
 
 
+# A random direction has a cosine variance of about 1/d_model against the vocabulary; the paper's
+# 0.005 was set for GPT-2 medium (d_model 1024), so the partition threshold is 5.12 / d_model.
+PARTITION_VARIANCE_SCALE = 5.12
+
+
+def partition_threshold(d_model: int, scale: float = PARTITION_VARIANCE_SCALE) -> float:
+    return scale / d_model
+
+
 def classify(
     kurt: np.ndarray,
     skew: np.ndarray,
@@ -142,7 +174,8 @@ def classify(
     var_threshold: float = 0.005,
 ) -> np.ndarray:
     """'prediction' (kurt > t, skew > 0), 'suppression' (kurt > t, skew < 0), 'partition'
-    (var > v, not the former), else 'none'. NaN statistics compare false (-> 'none')."""
+    (var > v, not the former), else 'none'. NaN statistics compare false (-> 'none').
+    The job passes var_threshold = partition_threshold(d_model)."""
     kurt, skew, var = (np.asarray(a, dtype=np.float64) for a in (kurt, skew, var))
     heavy_tailed = kurt > kurt_threshold
     return np.select(
