@@ -22,11 +22,12 @@ from atlas.training import TrainConfig
 from ingest.train_seeds import DEFAULT_TEXT_BYTES, TrainSeedsConfig, heldout_path
 from ingest.train_seeds import run as train_seeds
 
-# Budget on 2 idle cores: the demo machine measured ~15k tokens/s for this shape (DEMO-NOTES: 15-17.5k),
+# Budget on 2 idle cores: ~15k tokens/s were measured for this shape (15-17.5k on such machines),
 # so 900 steps x 16 x 128 tokens take ~125 s per seed. The 140 s cap is a guard for slower machines;
 # below it the run depends only on its steps, so every seed is bit-reproducible. With the corpus
 # (~25 s the first time) and the analysis (~55 s) the demo takes ~8 minutes. Two layers: at this
-# budget four layers stay too undertrained to compare (DEMO-NOTES).
+# budget four layers stayed too undertrained to compare (measured: their rotation baseline is as
+# high as the real correlation).
 DEMO_TRAINING = TrainConfig(layers=2, d_model=128, d_mlp=512, n_heads=4, ctx=128, steps=900, batch_size=16,
                             max_seconds=140.0)
 
@@ -46,12 +47,17 @@ class DemoConfig:
     layer_tokens: int = 20_000             # the first of them for interventions and lens (float64
                                            # log-softmax over the vocabulary per layer: the costly part)
     universal_threshold: float = 0.5       # the paper's; stored with the correlations
-    report_threshold: float = 0.3          # a lower bar the summary also counts (see DEMO-NOTES)
+    report_threshold: float = 0.3          # a lower bar the summary also counts, named as such
     out: str = "atlas-models"
 
     @property
     def analysis_dataset(self) -> str:
         return f"{self.family}-heldout"
+
+    @property
+    def null_family(self) -> str:
+        """The untrained model of the same shape and tokenizer: what the classes look like by chance."""
+        return f"{self.family}-untrained"
 
 
 def quick_config(config: DemoConfig) -> DemoConfig:
@@ -85,9 +91,33 @@ def run(config: DemoConfig, store: Store, console: Console | None = None) -> dic
         ctx_len=config.train.ctx))
     for name, (job_config, job_run) in analysis_jobs(config).items():
         stage(name, lambda job_config=job_config, job_run=job_run: job_run(job_config, store))
+    stage("null reference", lambda: null_reference(config, seeds_config, store))
     print_summary(store, config, console)
     print_timings(seconds, console)
     return seconds
+
+
+def null_reference(config: DemoConfig, seeds_config: TrainSeedsConfig, store: Store) -> None:
+    """Seed 0's initialisation, never trained, with the family's tokenizer: registered as the null
+    family and given the weights job, so the summary shows what training added to each class."""
+    from transformers import AutoTokenizer
+
+    from atlas.registry import register_model
+    from atlas.training.tokenizer import END_OF_TEXT
+    from atlas.training.train import build_model
+    from ingest.train_seeds import family_dir, seed_dir
+    from ingest.weights import WeightsConfig
+    from ingest.weights import run as run_weights
+
+    directory = family_dir(seeds_config) / "untrained"
+    if not (directory / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(seed_dir(seeds_config, config.seeds[0]))
+        special = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+        build_model(config.train, len(tokenizer), special, seed=config.seeds[0]).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    model, _ = register_model(store, str(directory), family=config.null_family, seed=config.seeds[0],
+                              name=config.null_family)
+    run_weights(WeightsConfig(model=model.name), store)
 
 
 def analysis_jobs(config: DemoConfig) -> dict[str, tuple[Any, Callable[[Any, Store], None]]]:
@@ -134,8 +164,7 @@ WHERE family = :family AND dataset = :dataset AND excess_corr > :low
 GROUP BY model, layer ORDER BY model, layer"""
 
 LAYERS_SQL = """
-SELECT model, SUM(n_prediction) AS n_prediction, SUM(n_suppression) AS n_suppression,
-       MAX(delete_kl) AS max_delete_kl
+SELECT model, MAX(delete_kl) AS max_delete_kl
 FROM layer_profile WHERE family = :family AND dataset = :dataset GROUP BY model"""
 
 WORST_DELETION_SQL = """
@@ -143,9 +172,13 @@ SELECT model, layer FROM layer_profile
 WHERE family = :family AND dataset = :dataset AND delete_kl IS NOT NULL
 ORDER BY delete_kl DESC"""
 
-KURTOSIS_SQL = """
-SELECT m.name AS model, MAX(n.vocab_kurt) AS max_kurt FROM neurons n JOIN models m ON m.id = n.model_id
-WHERE m.family = :family GROUP BY m.name"""
+CLASSES_SQL = """
+SELECT m.name AS model, MAX(n.vocab_kurt) AS max_kurt,
+       SUM(CASE WHEN n.vocab_class = 'prediction' THEN 1 ELSE 0 END) AS n_prediction,
+       SUM(CASE WHEN n.vocab_class = 'suppression' THEN 1 ELSE 0 END) AS n_suppression,
+       SUM(CASE WHEN n.vocab_class = 'partition' THEN 1 ELSE 0 END) AS n_partition
+FROM neurons n JOIN models m ON m.id = n.model_id
+WHERE m.family = :family OR m.family = :null_family GROUP BY m.name, m.family ORDER BY m.family, m.name"""
 
 
 def query(store: Store, sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -154,10 +187,12 @@ def query(store: Store, sql: str, **params: Any) -> list[dict[str, Any]]:
 
 
 def summary_rows(store: Store, config: DemoConfig) -> list[dict[str, Any]]:
-    """One dict per model: training, universality, vocabulary classes and deletions, from SQL alone."""
-    params = {"family": config.family, "dataset": config.analysis_dataset, "low": config.report_threshold}
+    """One dict per model: training, universality, vocabulary classes and deletions, from SQL alone.
+    The untrained null reference comes last (classes only)."""
+    params = {"family": config.family, "dataset": config.analysis_dataset, "low": config.report_threshold,
+              "null_family": config.null_family}
     rows = {row["model"]: row for row in query(store, MODELS_SQL, **params)}
-    for sql in (UNIVERSAL_SQL, LAYERS_SQL, KURTOSIS_SQL):
+    for sql in (UNIVERSAL_SQL, LAYERS_SQL, CLASSES_SQL):
         for row in query(store, sql, **params):
             rows.setdefault(row["model"], {}).update(row)
     for row in query(store, WORST_DELETION_SQL, **params):
@@ -171,26 +206,29 @@ def print_summary(store: Store, config: DemoConfig, console: Console) -> None:
     rows = summary_rows(store, config)
     low = config.report_threshold
     table = Table("model", "held-out loss", "unigram entropy", "universal", f"excess > {low}", "  by layer",
-                  "max corr / baseline", "prediction", "suppression", "max vocab kurt", "largest deletion KL",
-                  title=f"family {config.family} on {config.analysis_dataset} (nats)")
+                  "max corr / baseline", "prediction", "suppression", "partition", "max vocab kurt",
+                  "largest deletion KL", title=f"family {config.family} on {config.analysis_dataset} (nats)")
     for row in rows:
+        label = f"{row['model']} (null reference)" if row["model"] == config.null_family else row["model"]
         table.add_row(
-            row["model"], _number(row.get("heldout_loss")), _number(row.get("unigram_entropy")),
+            label, _number(row.get("heldout_loss")), _number(row.get("unigram_entropy")),
             _fraction(row.get("n_universal"), row.get("n_neurons")),
             _fraction(row.get("n_above_low"), row.get("n_neurons")),
             " ".join(f"L{layer}:{n}" for layer, n in sorted(row.get("above_low_by_layer", {}).items())) or "-",
             f"{_number(row.get('mean_max_corr'))} / {_number(row.get('mean_baseline_corr'))}",
-            str(row.get("n_prediction", "-")), str(row.get("n_suppression", "-")), _number(row.get("max_kurt"), ".1f"),
+            str(row.get("n_prediction", "-")), str(row.get("n_suppression", "-")), str(row.get("n_partition", "-")),
+            _number(row.get("max_kurt"), ".1f"),
             f"{_number(row.get('max_delete_kl'))} (layer {row.get('max_delete_layer', '-')})",
         )
     console.print(table)
     threshold = next((row["threshold"] for row in rows if row.get("threshold") is not None),
                      config.universal_threshold)
     console.print(f"universal = mean excess correlation over the other seeds > {threshold:g} (the paper's threshold).")
-    console.print(f"At this scale almost nothing passes it (DEMO-NOTES: ~0.1% of neurons); excess > {low:g} is a lower "
-                  "bar shown for the signal, NOT the paper's definition.")
-    console.print("prediction / suppression = vocabulary kurtosis > 10 (the paper's); small models seldom reach it "
-                  "(see max vocab kurt).")
+    console.print(f"At this scale almost nothing passes it; excess > {low:g} is a lower bar shown for the signal, "
+                  "NOT the paper's definition.")
+    console.print("prediction / suppression = vocabulary kurtosis > 10 (the paper's); partition = vocabulary variance "
+                  "> 5.12 / d_model. The untrained row is the null reference: seed "
+                  f"{config.seeds[0]}'s initialisation, same shape and tokenizer, never trained.")
     console.print(f"Open the app on it:  [bold]atlas app --db {store.display_url}[/]")
 
 

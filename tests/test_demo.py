@@ -156,7 +156,9 @@ def test_miniature_demo_fills_every_table_and_summarises_from_the_database(db_ur
     assert {status for _, status in jobs} == {"done"}
 
     rows = summary_rows(store, config)
-    assert [row["model"] for row in rows] == ["mini-seed0", "mini-seed1", "mini-seed2"]
+    assert [row["model"] for row in rows] == ["mini-seed0", "mini-seed1", "mini-seed2", "mini-untrained"]
+    null = rows.pop()
+    assert null["n_prediction"] == null["n_suppression"] == 0 and null.get("heldout_loss") is None
     for row in rows:
         assert row["heldout_loss"] == pytest.approx(losses[row["model"]])
         assert row["max_delete_kl"] == pytest.approx(deletion_kl[row["model"]])
@@ -165,6 +167,7 @@ def test_miniature_demo_fills_every_table_and_summarises_from_the_database(db_ur
         assert row["mean_max_corr"] is not None and row["mean_baseline_corr"] is not None
     assert "mini-seed2" in output and f"atlas app --db {store.display_url}" in output
     assert "excess > 0.3" in output and "NOT the paper's definition" in output
+    assert "mini-untrained (null reference)" in output and "DEMO-NOTES" not in output
 
     run_demo(config, store, console=Console(file=io.StringIO(), width=250))  # a rerun reuses everything
     with store.engine.connect() as connection:

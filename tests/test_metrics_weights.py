@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from atlas.metrics.weights import classify, vocab_effects, weight_stats
+from atlas.metrics.weights import (classify, fold_norm_bias, partition_threshold, process_reading_weights,
+                                   vocab_effects, weight_stats)
 
 D_MODEL, D_MLP, VOCAB = 16, 40, 300  # d_mlp deliberately not 4 * d_model
 
@@ -51,7 +52,8 @@ def _reference_effects(w_out, W_U, gamma, center: bool, k: int):
         unembed = np.diag(gamma.astype(np.float64)) @ unembed
     out = w_out.astype(np.float64)
     if center:
-        unembed = unembed - unembed.mean(axis=1, keepdims=True)
+        unembed = unembed - unembed.mean(axis=0, keepdims=True)  # each token's column over d_model
+        unembed = unembed - unembed.mean(axis=1, keepdims=True)  # the mean column over the vocabulary
         out = out - out.mean(axis=1, keepdims=True)
     product = out @ unembed
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -116,3 +118,26 @@ def test_classify_follows_the_spec_thresholds() -> None:
     labels = classify(kurt, skew, var)
     assert labels.tolist() == ["prediction", "suppression", "partition", "none", "none", "partition", "prediction"]
     assert classify(kurt, skew, var, kurt_threshold=20, var_threshold=0.0)[0] == "partition"
+
+
+def test_processing_of_reading_weights_equals_numpy(weights) -> None:
+    """fold_ln for w_in / w_gate: gamma folded, beta folded into the bias, LayerNorm rows centred over d_model."""
+    generator = torch.Generator().manual_seed(3)
+    w_in, beta = weights["w_out"].clone(), torch.randn(D_MODEL, generator=generator)
+    b_in = torch.randn(w_in.shape[0], generator=generator)
+    gamma = weights["gamma"].numpy().astype(np.float64)
+    folded = w_in.double().numpy() * gamma[None, :]
+    for center, expected in ((False, folded), (True, folded - folded.mean(axis=1, keepdims=True))):
+        np.testing.assert_allclose(process_reading_weights(w_in, weights["gamma"], center=center).numpy(), expected,
+                                   rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(fold_norm_bias(b_in, w_in, beta),
+                               b_in.double().numpy() + w_in.double().numpy() @ beta.double().numpy(), rtol=1e-12)
+    assert fold_norm_bias(None, w_in, None) is None
+    np.testing.assert_array_equal(fold_norm_bias(b_in, w_in, None), b_in.double().numpy())
+    assert w_in.dtype == torch.float32 and torch.equal(w_in, weights["w_out"])  # inputs untouched
+
+
+def test_partition_threshold_scales_with_the_width() -> None:
+    assert partition_threshold(1024) == pytest.approx(0.005)
+    assert partition_threshold(128) == pytest.approx(0.04)
+    assert partition_threshold(64, scale=1.0) == pytest.approx(1 / 64)
