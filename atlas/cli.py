@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from atlas.errors import AtlasError
@@ -20,7 +21,7 @@ from atlas.errors import AtlasError
 app = typer.Typer(help="Neuron Atlas: an atlas of the MLP neurons of causal language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 db_app = typer.Typer(help="Create and migrate the atlas database.", no_args_is_help=True)
-model_app = typer.Typer(help="Register and list models.", no_args_is_help=True)
+model_app = typer.Typer(help="Register, list and remove models.", no_args_is_help=True)
 ingest_app = typer.Typer(help="Batch jobs that compute results into the database.", no_args_is_help=True)
 dataset_app = typer.Typer(help="Register and list token datasets.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -34,10 +35,15 @@ DB_HELP = "Database URL (sqlite:///file.db or postgresql://user@host/db). Defaul
 DbOption = typer.Option(None, "--db", help=DB_HELP, show_default=False)
 
 
-def open_store(db: str | None, **kwargs):
-    from atlas.store import Store
+_store_url: str | None = None  # the database last opened, named by main()'s one-line database error
 
-    return Store(db, **kwargs)
+
+def open_store(db: str | None, **kwargs):
+    from atlas.store import Store, resolve_url
+
+    global _store_url
+    _store_url = resolve_url(db)
+    return Store(_store_url, **kwargs)
 
 
 # --- db ------------------------------------------------------------------------------------------
@@ -126,6 +132,24 @@ def model_list(family: Optional[str] = typer.Option(None, "--family", help="Only
     out.print(table if models else "no models registered: run `atlas model add SOURCE --family F --seed S`")
 
 
+@model_app.command("remove")
+def model_remove(
+    name: str = typer.Argument(..., help="Name of the registered model (see `atlas model list`)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking for confirmation."),
+    db: Optional[str] = DbOption,
+) -> None:
+    """Remove a model and every row about it (jobs, results, correlations with it) in one transaction."""
+    from atlas.registry import remove_model
+
+    store = open_store(db)
+    if not yes and not typer.confirm(f"remove model {name} and all its results from {store.display_url}?"):
+        out.print("nothing removed")
+        raise typer.Exit(1)
+    model, deleted = remove_model(store, name)
+    rows = ", ".join(f"{count:,} {table}" for table, count in deleted.items()) or "no result rows"
+    out.print(f"removed {model.name} (family {model.family}, seed {model.seed}): {rows}")
+
+
 # --- datasets ------------------------------------------------------------------------------------
 
 
@@ -153,15 +177,22 @@ def dataset_add(
 @dataset_app.command("list")
 def dataset_list(db: Optional[str] = DbOption) -> None:
     """List registered datasets."""
-    from atlas.registry import list_datasets
+    from atlas.registry import dataset_token_counts, list_datasets
 
     with open_store(db).session() as session:
         datasets = list_datasets(session)
+        counts = dataset_token_counts(session)
     table = Table("name", "source", "split", "text field", "tokens", "ctx", "seed", "content hash")
     for d in datasets:
-        table.add_row(d.name, d.source, d.split, d.text_field, f"{d.n_tokens:,}", str(d.ctx_len), str(d.sample_seed),
-                      d.content_hash[:12])
+        table.add_row(d.name, d.source, d.split, d.text_field, _token_counts(d, counts.get(d.id, [])), str(d.ctx_len),
+                      str(d.sample_seed), d.content_hash[:12])
     out.print(table if datasets else "no datasets registered: run `atlas dataset add NAME --source SRC`")
+
+
+def _token_counts(dataset: Any, tokenized: list[Any]) -> str:
+    """The requested count beside what jobs really got under each tokenizer (a small source gives fewer)."""
+    real = [f"{row.n_tokens:,} with tokenizer {row.tokenizer_hash[:8]}" for row in tokenized]
+    return "; ".join([f"{dataset.n_tokens:,} requested", *real])
 
 
 # --- ingest jobs: commands generated from each job's config dataclass ----------------------------
@@ -264,6 +295,64 @@ def demo(
     run(quick_config(config) if quick else config, open_store(db), console=out)
 
 
+# --- the jobs ledger -----------------------------------------------------------------------------
+
+
+@app.command("jobs")
+def jobs(
+    status: Optional[str] = typer.Option(None, "--status", help="Only jobs in this state: running, done, failed, "
+                                                                "replaced or abandoned."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only jobs of this kind (weights, activations, "
+                                                            "correlations, ...)."),
+    limit: int = typer.Option(50, "--limit", min=1, help="Show at most this many jobs, newest first."),
+    db: Optional[str] = DbOption,
+) -> None:
+    """List the jobs ledger, newest first; a running job whose process or heartbeat stopped shows as stale."""
+    import pandas as pd
+
+    from app.queries import jobs as ledger
+
+    frame = ledger(open_store(db).engine, limit=limit, status=status, kind=kind)
+    for column in ("heartbeat_at", "started_at"):
+        frame[column] = pd.to_datetime(frame[column], utc=True, format="mixed")
+    table = Table("id", "kind", "model", "dataset", "other model", "shard", "status", "pid@host", "heartbeat",
+                  "started (UTC)", "duration", "rows", "error")
+    for row in frame.to_dict("records"):
+        table.add_row(*_job_cells({name: None if _is_missing(value) else value for name, value in row.items()}))
+    out.print(table if len(frame) else "no jobs match: `atlas jobs` without options lists them all")
+
+
+def _is_missing(value: Any) -> bool:
+    import pandas as pd
+
+    return value is None or (not isinstance(value, (list, dict)) and bool(pd.isna(value)))
+
+
+def _job_cells(job: dict[str, Any]) -> list[str]:
+    """One ledger row as table cells; a running claim whose process or heartbeat stopped reads as stale."""
+    from ingest.runner import claim_problem, seconds_since
+
+    pid = None if job["pid"] is None else int(job["pid"])
+    heartbeat = None if job["heartbeat_at"] is None else job["heartbeat_at"].to_pydatetime()
+    running = job["status"] == "running"
+    status = "stale (abandoned?)" if running and claim_problem(pid, job["host"], heartbeat) else job["status"]
+    # The last beat says whether a claim is alive (running) or when it stopped (abandoned).
+    beat = heartbeat is not None and job["status"] in ("running", "abandoned")
+    duration = seconds_since(job["started_at"].to_pydatetime()) if running else job["duration_s"]
+    error = (job["error"] or "").strip().splitlines()
+    return [str(job["id"]), job["kind"], *(job[name] or "" for name in ("model", "dataset", "other_model", "shard")),
+            status, "" if pid is None else f"{pid}@{job['host']}",
+            f"{_span(seconds_since(heartbeat))} ago" if beat else "",
+            job["started_at"].strftime("%Y-%m-%d %H:%M:%S"), "" if duration is None else _span(duration),
+            "" if job["n_rows"] is None else f"{int(job['n_rows']):,}", error[0][:120] if error else ""]
+
+
+def _span(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 # --- app -----------------------------------------------------------------------------------------
 
 
@@ -294,6 +383,38 @@ def main() -> None:
     except AtlasError as error:
         Console(stderr=True).print(f"[red]error:[/] {error}", soft_wrap=True, highlight=False)
         sys.exit(1)
+    except _database_errors() as error:  # the database went away (or refused) mid-command: no traceback
+        Console(stderr=True).print(f"[red]error:[/] {escape(_database_error_line(error))}", soft_wrap=True,
+                                   highlight=False)
+        sys.exit(1)
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """SQLAlchemy's wrapped driver errors, and the drivers' own should one escape unwrapped."""
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy.exc import DBAPIError
+
+    return DBAPIError, sqlite3.OperationalError, psycopg.OperationalError
+
+
+def _database_error_line(error: BaseException) -> str:
+    from sqlalchemy.engine import make_url
+
+    from atlas.store.db import SQLITE_BUSY_TIMEOUT_S
+
+    driver = getattr(error, "orig", None) or error
+    lines = str(driver).strip().splitlines()
+    reason = lines[0] if lines else type(driver).__name__
+    where = "the database"
+    if _store_url is not None:
+        where += f" at {make_url(_store_url).render_as_string(hide_password=True)}"
+    resume = "rerun the job (finished units are kept, unfinished ones resume)"
+    if "database is locked" in reason:
+        return (f"database error: {reason}: another process held the write lock of {where} for over "
+                f"{SQLITE_BUSY_TIMEOUT_S:.0f}s; {resume}")
+    return f"database error: {reason}: check that {where} is reachable, then {resume}"
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ weights are read.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -50,6 +52,25 @@ def load_model(
     model.eval()
     model.config.use_cache = False
     return LoadedModel(model, tokenizer, adapter, config, source, revision)
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No "Loading weights" bar: a command whose output is one line (or one error line) stays one line."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(source: str, revision: str | None = None) -> Any:
+    """Only the tokenizer of a model (no weights): what a job needs to tokenize before it starts."""
+    return AutoTokenizer.from_pretrained(source, **_source_options(source, revision))
 
 
 def _looks_like_path(source: str) -> bool:
@@ -120,6 +141,33 @@ def model_summary(loaded: LoadedModel) -> dict[str, Any]:
         "vocab_size": len(loaded.tokenizer),
         "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
     }
+
+
+def _parameters_in_name_order(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return sorted(model.named_parameters(), key=lambda item: item[0])
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name, dtype, shape and bytes, in name order: the weights' identity.
+
+    One parameter at a time (no copy of the model), so two registrations of the same weights, or a
+    checkpoint and changed files, are told apart by content rather than by path.
+    """
+    digest = hashlib.sha256()
+    for name, parameter in _parameters_in_name_order(model):
+        tensor = parameter.detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        flat = tensor.reshape(-1).contiguous().cpu()  # a copy only for a non-contiguous or device tensor
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def first_nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """The first parameter (in name order) holding a NaN or an infinity, or None when all are finite."""
+    for name, parameter in _parameters_in_name_order(model):
+        if not bool(torch.isfinite(parameter.detach()).all()):
+            return name
+    return None
 
 
 class _EnoughLayers(Exception):

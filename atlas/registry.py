@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Iterable
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from atlas.errors import AtlasError
 from atlas.store import Store
-from atlas.store.schema import Dataset, Model
+from atlas.store.schema import Base, Dataset, DatasetTokens, Model
 
 
 def default_model_name(source: str, revision: str | None) -> str:
@@ -22,8 +23,13 @@ def default_model_name(source: str, revision: str | None) -> str:
 def register_model(
     store: Store, source: str, *, family: str, seed: int, name: str | None = None, revision: str | None = None
 ) -> tuple[Model, bool]:
-    """Register a model (loading its config and weights). Returns (model, created)."""
-    from atlas.modeling import load_model, model_summary  # torch/transformers are slow to import
+    """Register a model (loading its config and weights). Returns (model, created).
+
+    Refused, each in one line with nothing written: a name taken by other files or by another
+    family/seed, a taken (family, seed), non-finite weights, weights identical to a registered
+    model's, and a tokenizer, architecture or shape that differs from the family's.
+    """
+    from atlas.modeling import first_nonfinite_parameter, load_model, model_summary, quiet_loading, weights_hash
 
     if Path(source).exists():
         source = str(Path(source).resolve())
@@ -31,20 +37,113 @@ def register_model(
     with store.session() as session:
         existing = session.scalars(select(Model).where(Model.name == name)).first()
         if existing is not None:
-            if existing.source == source and existing.revision == revision:
-                return existing, False
-            raise AtlasError(
-                f"model name {name!r} is already registered from {existing.source}"
-                f"{'@' + existing.revision if existing.revision else ''}: choose another --name"
-            )
-        taken = session.scalars(select(Model).where(Model.family == family, Model.seed == seed)).first()
-        if taken is not None:
-            raise AtlasError(f"family {family!r} already has seed {seed} ({taken.name}): choose another --seed")
-    summary = model_summary(load_model(source, revision))
-    model = Model(name=name, family=family, seed=seed, source=source, revision=revision, **summary)
-    with store.transaction() as session:
+            _require_same_registration(existing, source, revision, family, seed)
+            return existing, False
+        _require_free_seed(session, family, seed)
+    with quiet_loading():
+        loaded = load_model(source, revision)
+    bad = first_nonfinite_parameter(loaded.model)
+    if bad is not None:
+        raise AtlasError(f"model {name!r} has non-finite weights (NaN or inf in {bad}): "
+                         "register a checkpoint whose weights are all finite")
+    model = Model(name=name, family=family, seed=seed, source=source, revision=revision,
+                  weights_hash=weights_hash(loaded.model), **model_summary(loaded))
+    with store.transaction() as session:  # the family is read again where the row is written
+        _require_free_seed(session, family, seed)
+        _require_family_fit(session, model)
         session.add(model)
     return model, True
+
+
+def _require_same_registration(existing: Model, source: str, revision: str | None, family: str, seed: int) -> None:
+    """Adding a registered name again is a no-op only when it means the very same model."""
+    if existing.source != source or existing.revision != revision:
+        raise AtlasError(
+            f"model name {existing.name!r} is already registered from {existing.source}"
+            f"{'@' + existing.revision if existing.revision else ''}: choose another --name"
+        )
+    if (existing.family, existing.seed) != (family, seed):
+        raise AtlasError(
+            f"model {existing.name!r} is already registered as family {existing.family!r} seed {existing.seed}, "
+            f"not family {family!r} seed {seed}: pass --family {existing.family} --seed {existing.seed}, "
+            f"or `atlas model remove {existing.name}` first"
+        )
+
+
+def _require_free_seed(session: Session, family: str, seed: int) -> None:
+    taken = session.scalars(select(Model).where(Model.family == family, Model.seed == seed)).first()
+    if taken is not None:
+        raise AtlasError(f"family {family!r} already has seed {seed} ({taken.name}): choose another --seed")
+
+
+# What every seed of a family shares: jobs compare them position by position and neuron by neuron.
+FAMILY_FIELDS = ("tokenizer_hash", "architecture", "n_layers", "d_model", "d_mlp", "vocab_size")
+
+
+def _require_family_fit(session: Session, model: Model) -> None:
+    """A new seed is no copy of a registered model (its correlations would be a fake 1.0) and matches
+    the family's tokenizer, architecture and shapes."""
+    copy = session.scalars(select(Model).where(Model.weights_hash == model.weights_hash)).first()
+    if copy is not None:
+        raise AtlasError(f"model {model.name!r} has the same weights as {copy.name} (family {copy.family!r}, "
+                         f"seed {copy.seed}): a seed must be trained separately")
+    first = session.scalars(select(Model).where(Model.family == model.family).order_by(Model.seed)).first()
+    if first is None:
+        return
+    for field in FAMILY_FIELDS:
+        mine, theirs = getattr(model, field), getattr(first, field)
+        if mine != theirs:
+            shown = (mine[:12], theirs[:12]) if field == "tokenizer_hash" else (mine, theirs)
+            raise AtlasError(f"model {model.name!r} has {field} {shown[0]} but family {model.family!r} has "
+                             f"{shown[1]} ({first.name}): a family's seeds must share tokenizer, architecture "
+                             "and shapes; register it under another --family")
+
+
+def remove_model(store: Store, name: str) -> tuple[Model, dict[str, int]]:
+    """Delete a model and every row about it in one transaction. Returns the model and rows deleted per table.
+
+    Rows are deleted table by table (dependents first) instead of trusting ON DELETE CASCADE alone, so
+    the counts are exact; correlation rows and jobs where it is the *other* model go too.
+    """
+    with store.transaction() as session:
+        model = session.scalars(select(Model).where(Model.name == name)).first()
+        if model is None:
+            raise AtlasError(f"model {name!r} is not registered: see `atlas model list`")
+        deleted = {}
+        for table, column in _tables_referencing_models():
+            result = session.execute(delete(table).where(column == model.id))
+            if result.rowcount:
+                deleted[table.name] = deleted.get(table.name, 0) + result.rowcount
+        session.execute(delete(Model).where(Model.id == model.id))
+        session.expunge(model)
+    return model, deleted
+
+
+def _tables_referencing_models() -> list[tuple[Any, Any]]:
+    """(table, column) for every ON DELETE CASCADE foreign key to models.id, dependents before the jobs they cite."""
+    found = []
+    for table in reversed(Base.metadata.sorted_tables):
+        for fk in table.foreign_keys:
+            if fk.column.table.name == "models" and (fk.ondelete or "").upper() == "CASCADE":
+                found.append((table, fk.parent))
+    return found
+
+
+def verified_weights_hash(model: Model, loaded: Any) -> str:
+    """The hash of the weights a job loaded for `model` (computed: files can change after registration).
+
+    Checkpoints key on it, so a rerun on changed files never resumes stale state; weights that differ
+    from the registered ones are refused, since results would be filed under the wrong model.
+    Rows registered before weights hashes (NULL) take the computed hash as is.
+    """
+    from atlas.modeling import weights_hash
+
+    actual = weights_hash(loaded.model)
+    if model.weights_hash is not None and actual != model.weights_hash:
+        raise AtlasError(f"the weights of model {model.name!r} ({model.source}) changed since it was registered "
+                         f"(sha256 {model.weights_hash[:12]}, now {actual[:12]}): restore them, or "
+                         f"`atlas model remove {model.name}` and register the new weights")
+    return actual
 
 
 def list_models(session: Session, family: str | None = None) -> list[Model]:
@@ -129,12 +228,37 @@ def register_dataset(
             raise AtlasError(f"dataset {name!r} is already registered with {', '.join(differing)}: "
                              "choose another name")
         return existing, False
-    next(iter_documents(source, split, text_field))  # fails here, in one line, on a bad source
+    _require_one_context(iter_documents(source, split, text_field), source, ctx_len)  # one line on a bad source
     dataset = Dataset(name=name, content_hash=dataset_content_hash(source, split, text_field), **settings)
     with store.transaction() as session:
         session.add(dataset)
     return dataset, True
 
 
+def _require_one_context(documents: Iterable[str], source: str, ctx_len: int) -> None:
+    """Refuse a source that cannot fill one context, reading only as far as needed.
+
+    UTF-8 bytes plus one BOS per document bound the tokens from above (a byte-level BPE token holds
+    at least one byte; characters would not bound it for non-ASCII text), so a source below ctx_len
+    surely tokenizes to fewer tokens than one context. The real count is checked when a job tokenizes.
+    """
+    bound = n_documents = 0
+    for text in documents:
+        n_documents += 1
+        bound += len(text.encode("utf-8", "surrogatepass")) + 1
+        if bound >= ctx_len:
+            return
+    raise AtlasError(f"source {source} holds at most {bound} tokens ({n_documents} document(s): UTF-8 bytes and "
+                     f"one BOS each), fewer than one context of --ctx {ctx_len}: add text or lower --ctx")
+
+
 def list_datasets(session: Session) -> list[Dataset]:
     return list(session.scalars(select(Dataset).order_by(Dataset.name)))
+
+
+def dataset_token_counts(session: Session) -> dict[int, list[DatasetTokens]]:
+    """Dataset id -> what it really gave under each tokenizer a job used (written when jobs tokenize it)."""
+    counts: dict[int, list[DatasetTokens]] = {}
+    for row in session.scalars(select(DatasetTokens).order_by(DatasetTokens.created_at)):
+        counts.setdefault(row.dataset_id, []).append(row)
+    return counts

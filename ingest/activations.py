@@ -21,10 +21,10 @@ from atlas.data import TokenizedDataset
 from atlas.errors import AtlasError
 from atlas.metrics.moments import StreamingMoments
 from atlas.metrics.topk import StreamingTopK
-from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_models
+from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_models, verified_weights_hash
 from atlas.store import Store
 from atlas.store.schema import ActivationStat, Dataset, Model, TopExample
-from ingest.datasets import check_context, check_dataset, tokenize
+from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
 from ingest.options import DATASET, MODEL_OR_FAMILY, OVERWRITE, option
 from ingest.runner import JobKey, config_hash, replace_rows, run_units, science_config
@@ -127,6 +127,7 @@ def compute(models: list[Model], dataset: Dataset, config: ActivationsConfig) ->
     from atlas.modeling import load_model
 
     loaded = [PassModel(m.id, load_model(m.source, m.revision)) for m in models]
+    weights = {m.id: verified_weights_hash(m, pass_model.loaded) for m, pass_model in zip(models, loaded)}
     for model in loaded:
         check_context(model.loaded, dataset)
         model.loaded.model.to(config.device)
@@ -135,7 +136,7 @@ def compute(models: list[Model], dataset: Dataset, config: ActivationsConfig) ->
     n_rows = tokens.n_rows if config.tokens is None else tokens.rows_for_tokens(config.tokens)
     consumer = ActivationStatsConsumer({m.id: (m.n_layers, m.d_mlp) for m in models}, config.top_k,
                                        config.context_before, config.context_after)
-    checkpoint = Checkpoint(_checkpoint_key(models, dataset, tokens, n_rows, config),
+    checkpoint = Checkpoint(_checkpoint_key(weights, dataset, tokens, n_rows, config),
                             config.checkpoint_every, config.checkpoint_seconds)
     run_family_pass(loaded, tokens, {"stats": consumer}, batch_size=config.batch_size, n_rows=n_rows,
                     stat_positions="non_special" if config.exclude_special_tokens else "all",
@@ -145,11 +146,12 @@ def compute(models: list[Model], dataset: Dataset, config: ActivationsConfig) ->
     return {m.id: _model_results(consumer, m, tokens, token_strings, config) for m in models}, checkpoint
 
 
-def _checkpoint_key(models: list[Model], dataset: Dataset, tokens: TokenizedDataset, n_rows: int,
+def _checkpoint_key(weights: Mapping[int, str], dataset: Dataset, tokens: TokenizedDataset, n_rows: int,
                     config: ActivationsConfig) -> dict[str, Any]:
+    """What the saved accumulators depend on; weights maps model id -> weights hash (by content, not by path)."""
     return {
         "job": KIND, "config": config_hash(science_config(config)),
-        "models": [(m.id, m.source, m.revision) for m in models],
+        "models": sorted(weights.items()),
         "dataset": (dataset.id, dataset.content_hash), "tokens": tokens.key, "n_rows": n_rows,
         "batch_size": config.batch_size, "device": config.device,
     }
@@ -212,6 +214,7 @@ def run(config: ActivationsConfig, store: Store) -> None:
         dataset = resolve_dataset(session, config.dataset)
     require_shared_tokenizer(models)
     check_dataset(dataset, config.tokens)
+    check_tokens(store, dataset, models)
     by_id = {m.id: m for m in models}
     checkpoints: list[Checkpoint] = []
 

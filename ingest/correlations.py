@@ -36,10 +36,10 @@ from atlas.metrics.correlation import (
     memory_blocks,
     rotated_baseline_max,
 )
-from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_models
+from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_models, verified_weights_hash
 from atlas.store import Store
 from atlas.store.schema import Dataset, Model, NeuronCorrelation
-from ingest.datasets import check_context, check_dataset, tokenize
+from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
 from ingest.options import DATASET, OVERWRITE, option
 from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_unit, run_units, science_config
@@ -344,6 +344,7 @@ def compute_pass(blocks: list[Block], context: RunContext) -> tuple[dict[JobKey,
     config, dataset = context.config, context.dataset
     model_ids = sorted({block.a_id for block in blocks} | {block.b_id for block in blocks})
     loaded = [PassModel(i, load_model(context.models[i].source, context.models[i].revision)) for i in model_ids]
+    weights = [(m.model_id, verified_weights_hash(context.models[m.model_id], m.loaded)) for m in loaded]
     for model in loaded:
         check_context(model.loaded, dataset)
         model.loaded.model.to(config.device)
@@ -353,7 +354,7 @@ def compute_pass(blocks: list[Block], context: RunContext) -> tuple[dict[JobKey,
     checkpoint = Checkpoint({
         "job": KIND, "config": context.config_hash,
         "units": [(b.a_id, b.b_id, b.a_start, b.a_stop, b.b_start, b.b_stop) for b in blocks],
-        "models": [(i, context.models[i].source, context.models[i].revision) for i in model_ids],
+        "models": weights,  # by content: changed files never resume stale sums
         "dataset": (dataset.id, dataset.content_hash), "tokens": tokens.key, "n_rows": n_rows,
         "batch_size": config.batch_size, "device": config.device,
     }, config.checkpoint_every, config.checkpoint_seconds)
@@ -388,11 +389,12 @@ def _finish_sharded_pair(store: Store, a: Model, b: Model, blocks: list[Block], 
                 parts.append((block, result))
         return combine_blocks(parts, a.n_layers * a.d_mlp)
 
-    run_unit(store, pair_key(a, b, context.dataset.id), context.config, compute,
-             lambda session, result, job_id: write_pair(session, a, b.id, result, job_id, context),
-             overwrite=True, label=f"correlations {a.name} x {b.name} ({len(blocks)} shards)")
-    for block in blocks:
-        shard_path(block, context).unlink(missing_ok=True)
+    outcome = run_unit(store, pair_key(a, b, context.dataset.id), context.config, compute,
+                       lambda session, result, job_id: write_pair(session, a, b.id, result, job_id, context),
+                       overwrite=True, label=f"correlations {a.name} x {b.name} ({len(blocks)} shards)")
+    if outcome == "done":  # skipped: another process is combining these shards, leave them to it
+        for block in blocks:
+            shard_path(block, context).unlink(missing_ok=True)
 
 
 def run(config: CorrelationsConfig, store: Store) -> None:
@@ -402,6 +404,7 @@ def run(config: CorrelationsConfig, store: Store) -> None:
         dataset = resolve_dataset(session, config.dataset)
     _check_family(models, config.family)
     check_dataset(dataset, config.tokens)
+    check_tokens(store, dataset, models)
     context = RunContext(config, dataset, {m.id: m for m in models}, config_hash(science_config(config)))
     pairs = [(a, b) for a in models for b in models if a.id != b.id]
     with store.session() as session:
@@ -415,13 +418,16 @@ def run(config: CorrelationsConfig, store: Store) -> None:
     for units in pack_passes(to_compute, budget):
         checkpoints: list[Checkpoint] = []
 
-        def compute(_pending: list[JobKey], units: list[Block] = units) -> dict[JobKey, dict[str, np.ndarray]]:
-            results, checkpoint = compute_pass(units, context)
+        # Only the units this process claimed: another process may be computing the others.
+        def compute(claimed: list[JobKey], units: list[Block] = units) -> dict[JobKey, dict[str, np.ndarray]]:
+            results, checkpoint = compute_pass([block for block in units if block.key in claimed], context)
             checkpoints.append(checkpoint)
             return results
 
-        run_units(store, [block.key for block in units], config, compute,
-                  lambda session, results, job_ids, units=units: write_pass(session, units, results, job_ids, context),
+        def write(session: Session, results, job_ids: dict[JobKey, int], units: list[Block] = units):
+            return write_pass(session, [block for block in units if block.key in job_ids], results, job_ids, context)
+
+        run_units(store, [block.key for block in units], config, compute, write,
                   overwrite=True, label=f"correlations {dataset.name} ({len(units)} units)")
         for checkpoint in checkpoints:
             checkpoint.delete()

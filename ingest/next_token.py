@@ -21,7 +21,7 @@ from atlas.metrics.layers import next_token_positions, next_tokens
 from atlas.registry import resolve_dataset, resolve_models
 from atlas.store import Store
 from atlas.store.schema import Dataset
-from ingest.datasets import check_dataset, tokenize
+from ingest.datasets import check_dataset, check_tokens, tokenize
 from ingest.options import DATASET, MODEL_OR_FAMILY, OVERWRITE, option
 from ingest.progress import RateColumn, progress_bar
 from ingest.runner import JobKey, run_unit
@@ -113,6 +113,7 @@ def run_per_model(kind: str, config: Any, store: Store, compute: Callable, write
         models = resolve_models(session, config.model, config.family)
         dataset = resolve_dataset(session, config.dataset)
     check_dataset(dataset, config.tokens)
+    check_tokens(store, dataset, models)
     for model_row in models:
         run_unit(
             store, JobKey(kind, model_id=model_row.id, dataset_id=dataset.id), config,

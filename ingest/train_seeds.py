@@ -160,8 +160,11 @@ def _train_pending(
     from ingest.progress import progress_bar, RateColumn
 
     texts = read_texts(dataset, config.text_bytes)
-    tokenizer = _family_tokenizer(config, texts, wanted["data"])
+    _require_bytes_for_a_batch(config, dataset, texts)
+    tokenizer, trained = _family_tokenizer(config, texts)
     corpus = prepare_corpus(texts, tokenizer, config.train.ctx, config.heldout_fraction)
+    _require_rows_for_a_batch(config, dataset, corpus)
+    _write_family(config, texts, tokenizer if trained else None, wanted["data"])  # only once the data suffices
     bar_entropy = unigram_entropy(corpus.train_rows, corpus.heldout_rows, len(tokenizer))
     outcomes = {}
     tokens_per_step = config.train.batch_size * config.train.ctx
@@ -196,20 +199,48 @@ def read_texts(dataset: Dataset, max_bytes: int) -> list[str]:
     return texts
 
 
-def _family_tokenizer(config: TrainSeedsConfig, texts: list[str], settings: dict[str, Any]):
-    """The family's tokenizer: loaded when an earlier run trained it, else trained on the training split."""
+def _require_bytes_for_a_batch(config: TrainSeedsConfig, dataset: Dataset, texts: list[str]) -> None:
+    """Before the tokenizer is trained: UTF-8 bytes plus a separator per document bound the tokens from
+    above (byte-level BPE), so fewer than one batch of rows means the text surely cannot fill one."""
+    needed = config.train.batch_size * config.train.ctx
+    bound = sum(len(text.encode("utf-8", "surrogatepass")) + 1 for text in texts)
+    if bound < needed:
+        raise AtlasError(f"dataset {dataset.name!r} gives at most {bound:,} tokens within --text-bytes "
+                         f"{config.text_bytes:,}, fewer than one batch of --batch-size {config.train.batch_size} x "
+                         f"--ctx {config.train.ctx} = {needed:,} tokens: add text, or lower --batch-size or --ctx")
+
+
+def _require_rows_for_a_batch(config: TrainSeedsConfig, dataset: Dataset, corpus: Any) -> None:
+    """After tokenization, before any seed trains: the packed training rows fill at least one batch."""
+    n_rows = len(corpus.train_rows)
+    if n_rows < config.train.batch_size:
+        raise AtlasError(f"dataset {dataset.name!r} tokenizes to {n_rows} training rows of --ctx {config.train.ctx} "
+                         f"({n_rows * config.train.ctx:,} tokens), fewer than one batch of --batch-size "
+                         f"{config.train.batch_size}: add text, or lower --batch-size or --ctx")
+
+
+def _family_tokenizer(config: TrainSeedsConfig, texts: list[str]) -> tuple[Any, bool]:
+    """The family's tokenizer and whether it was trained now (then it is saved by _write_family): loaded
+    when an earlier run trained it, else trained on the training split."""
     from transformers import PreTrainedTokenizerFast
 
     from atlas.training import split_documents, train_bpe_tokenizer
 
     directory = family_dir(config) / "tokenizer"
-    train_texts, heldout_texts = split_documents(texts, config.heldout_fraction)
-    _write_heldout(config, heldout_texts)
     if (directory / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(str(directory))
-    tokenizer = train_bpe_tokenizer(train_texts, config.vocab_size, directory)
-    (family_dir(config) / "family.json").write_text(json.dumps(settings, indent=1))
-    return tokenizer
+        return PreTrainedTokenizerFast.from_pretrained(str(directory)), False
+    train_texts, _ = split_documents(texts, config.heldout_fraction)
+    return train_bpe_tokenizer(train_texts, config.vocab_size, None), True
+
+
+def _write_family(config: TrainSeedsConfig, texts: list[str], new_tokenizer: Any, settings: dict[str, Any]) -> None:
+    """The held-out documents, and a newly trained tokenizer with the settings family.json pins."""
+    from atlas.training import split_documents
+
+    _write_heldout(config, split_documents(texts, config.heldout_fraction)[1])
+    if new_tokenizer is not None:
+        new_tokenizer.save_pretrained(str(family_dir(config) / "tokenizer"))
+        (family_dir(config) / "family.json").write_text(json.dumps(settings, indent=1))
 
 
 def _write_heldout(config: TrainSeedsConfig, heldout_texts: list[str]) -> None:

@@ -277,7 +277,9 @@ def test_bad_job_inputs(store, family, tmp_path, tiny_family):
     other_tokenizer = build_tokenizer(tmp_path / "tok300", vocab_size=300)
     odd = build_tiny_model("gpt2", tmp_path / "odd-tokenizer", seed=5, tokenizer_dir=tmp_path / "tok300")
     assert len(other_tokenizer) == 300
-    register_model(store, str(odd), family="tiny", seed=5)
+    odd_model, _ = register_model(store, str(odd), family="odd", seed=5)  # registration refuses it in "tiny"
+    with store.transaction() as session:  # as a row from before registration checked tokenizers
+        session.get(Model, odd_model.id).family = "tiny"
     with pytest.raises(AtlasError) as error:
         run(config(), store)
     assert "different tokenizers" in one_line(error)

@@ -64,8 +64,9 @@ def build_tokenizer(directory: str | Path, vocab_size: int = TOKENIZER_VOCAB):
 
 
 def _gpt2(vocab: int, special: int, **overrides: Any) -> PretrainedConfig:
-    return GPT2Config(vocab_size=vocab, n_positions=CONTEXT, n_embd=D_MODEL, n_layer=3, n_head=N_HEADS,
-                      n_inner=D_MLP, bos_token_id=special, eos_token_id=special, **overrides)
+    options = dict(vocab_size=vocab, n_positions=CONTEXT, n_embd=D_MODEL, n_layer=3, n_head=N_HEADS,
+                   n_inner=D_MLP, bos_token_id=special, eos_token_id=special)
+    return GPT2Config(**{**options, **overrides})
 
 
 def _neox(vocab: int, special: int, **overrides: Any) -> PretrainedConfig:

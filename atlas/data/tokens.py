@@ -140,6 +140,11 @@ class TokenizedDataset:
         return self.meta["ctx_len"]
 
     @property
+    def tokenizer_hash(self) -> str:
+        """The tokenizer the rows were made with (models.tokenizer_hash of the models that read them)."""
+        return self.meta["tokenizer_hash"]
+
+    @property
     def n_rows(self) -> int:
         return self.meta["n_rows"]
 

@@ -110,7 +110,7 @@ class Job(Base):
     shard: Mapped[Optional[str]] = mapped_column(String(100))  # e.g. "a0:512/b0:2" for correlation blocks
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     config_hash: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(20))  # running | done | failed | replaced
+    status: Mapped[str] = mapped_column(String(20))  # running | done | failed | replaced | abandoned
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     error: Mapped[Optional[str]] = mapped_column(Text)

@@ -15,9 +15,9 @@ BYTE_ALPHABET_SIZE = 256
 
 
 def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_dir: str | Path
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path | None
 ) -> PreTrainedTokenizerFast:
-    """Train a GPT-2 style byte-level BPE on `texts` and save it with save_pretrained.
+    """Train a GPT-2 style byte-level BPE on `texts` and save it with save_pretrained (unless out_dir is None).
 
     <|endoftext|> (id 0) is the bos, eos and pad token. The result depends only on the texts and
     their order: the `tokenizers` trainer counts pairs exactly and breaks ties deterministically.
@@ -45,5 +45,6 @@ def train_bpe_tokenizer(
         pad_token=END_OF_TEXT,
         model_max_length=1_000_000_000,  # rows are packed by us; silence length warnings
     )
-    fast.save_pretrained(str(out_dir))
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
     return fast
