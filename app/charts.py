@@ -1,13 +1,15 @@
-"""Altair charts for the pages, and the HTML of a top example. Input: DataFrames from app.queries."""
+"""Altair charts for the pages. Input: DataFrames from the read model (atlas.read.queries).
+
+The HTML of a top example and the number format live in the library (atlas.read.html), shared with
+the notebook card; the pages reach them through this module.
+"""
 
 from __future__ import annotations
 
-import html
-import math
-from typing import Sequence
-
 import altair as alt
 import pandas as pd
+
+from atlas.read.html import example_html, number, visible_token  # noqa: F401 (pages use charts.example_html, ...)
 
 CLASS_COLORS = alt.Scale(
     domain=["prediction", "suppression", "partition", "none"],
@@ -93,6 +95,24 @@ def universal_fraction_by_layer(frame: pd.DataFrame) -> alt.Chart:
     )
 
 
+def universality_over_training(frame: pd.DataFrame) -> alt.Chart:
+    """Fraction of neurons whose excess correlation passes 0.5 (the paper's bar) and 0.3, per training step."""
+    long = frame.melt(id_vars=["step"], value_vars=["universal_fraction_05", "universal_fraction_03"],
+                      var_name="bar", value_name="fraction")
+    long["bar"] = long["bar"].map({"universal_fraction_05": "excess > 0.5", "universal_fraction_03": "excess > 0.3"})
+    return (
+        alt.Chart(long)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("step:Q", title="training step"),
+            y=alt.Y("fraction:Q", title="fraction of neurons", axis=alt.Axis(format="%")),
+            color=alt.Color("bar:N", title=None),
+            tooltip=["step", "bar", alt.Tooltip("fraction:Q", format=".2%")],
+        )
+        .properties(height=260)
+    )
+
+
 def vocab_bars(frame: pd.DataFrame) -> alt.Chart:
     """Top and bottom vocabulary tokens of a neuron: W_U . w_out, one bar per token."""
     data = frame.assign(label=frame["token"].map(visible_token) + "  #" + frame["rank"].astype(str))
@@ -163,49 +183,3 @@ def training_curves(frame: pd.DataFrame) -> alt.Chart:
         )
         .properties(width=380, height=240)
     )
-
-
-# --- top examples as HTML ------------------------------------------------------------------------
-
-
-def number(value: float | None, spec: str = ".3f") -> str:
-    """A database number for text; NULL (None or NaN: a zero-variance neuron, say) reads as n/a."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return format(value, spec)
-
-
-def visible_token(token: str) -> str:
-    """Make whitespace tokens visible: a newline shows as ⏎, a tab as →, a leading space as ·."""
-    return token.replace("\n", "⏎").replace("\t", "→").replace(" ", "·") if token.strip() == "" else token
-
-
-def _shade(activation: float | None, scale: float) -> str:
-    if activation is None or not math.isfinite(activation) or scale <= 0:
-        return "transparent"
-    strength = min(1.0, abs(activation) / scale)
-    rgb = "214,39,40" if activation > 0 else "31,119,180"
-    return f"rgba({rgb},{strength * 0.85:.3f})"
-
-
-def example_html(tokens: Sequence[str], highlight_index: int, activations: Sequence[float | None] | None,
-                 activation: float) -> str:
-    """The context as one line of spans, each shaded by the neuron's activation on that token (red
-    positive, blue negative, relative to the firing activation); the firing token is boxed and bold."""
-    scale = abs(activation) if activation else 0.0
-    if activations:
-        scale = max([scale] + [abs(a) for a in activations if a is not None and math.isfinite(a)])
-    spans = []
-    for index, token in enumerate(tokens):
-        value = activations[index] if activations and index < len(activations) else None
-        if value is None and index == highlight_index:
-            value = activation
-        style = f"background:{_shade(value, scale)};padding:1px 0;white-space:pre-wrap;"
-        if index == highlight_index:
-            style += "outline:2px solid #000;font-weight:700;"
-        title = "" if value is None else f' title="{value:.4g}"'
-        text = html.escape(token.replace("\n", "⏎\n") if token else "∅")
-        spans.append(f'<span style="{style}"{title}>{text}</span>')
-    body = "".join(spans)
-    return (f'<div class="atlas-example" style="font-family:monospace;line-height:1.9;margin:0.2rem 0 0.8rem 0;">'
-            f'<b style="margin-right:0.6rem;">{activation:.3f}</b>{body}</div>')

@@ -12,9 +12,8 @@ import sys
 import streamlit as st
 from sqlalchemy import Engine
 
-from app import queries
 from atlas.errors import AtlasError
-from atlas.store import Store, resolve_url
+from atlas.store import Store, read_only, resolve_url
 
 
 def database_url(argv: list[str] | None = None) -> str:
@@ -32,7 +31,7 @@ def _open_store(url: str) -> Store:
 
 @st.cache_resource(show_spinner=False)
 def _open_console_engine(url: str) -> Engine:
-    return queries.console_engine(url)
+    return read_only.console_engine(url)
 
 
 def store() -> Store:

@@ -106,15 +106,20 @@ def model_add(
     seed: int = typer.Option(..., "--seed", help="The model's training seed within its family."),
     name: Optional[str] = typer.Option(None, "--name", help="Unique name (default: hub id or folder name)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    step: Optional[int] = typer.Option(None, "--step", show_default=False,
+                                       help="Training step of this checkpoint (default: N of a stepN revision, as "
+                                            "Pythia names them). Seeds at the same step are correlated together."),
     db: Optional[str] = DbOption,
 ) -> None:
     """Register a model: reads its config and weights once to record its shape and tokenizer."""
     from atlas.registry import register_model
 
-    model, created = register_model(open_store(db), source, family=family, seed=seed, name=name, revision=revision)
+    model, created = register_model(open_store(db), source, family=family, seed=seed, name=name, revision=revision,
+                                    step=step)
     verb = "registered" if created else "already registered"
+    at = "" if model.step is None else f", step {model.step}"
     out.print(f"{verb} {model.name}: {model.architecture}, {model.n_layers} layers x {model.d_mlp} neurons "
-              f"(family {model.family}, seed {model.seed})")
+              f"(family {model.family}, seed {model.seed}{at})")
 
 
 @model_app.command("list")
@@ -125,10 +130,10 @@ def model_list(family: Optional[str] = typer.Option(None, "--family", help="Only
 
     with open_store(db).session() as session:
         models = list_models(session, family)
-    table = Table("name", "family", "seed", "architecture", "layers", "d_model", "d_mlp", "vocab", "source")
+    table = Table("name", "family", "seed", "step", "architecture", "layers", "d_model", "d_mlp", "vocab", "source")
     for m in models:
-        table.add_row(m.name, m.family, str(m.seed), m.architecture, str(m.n_layers), str(m.d_model),
-                      str(m.d_mlp), str(m.vocab_size), m.source)
+        table.add_row(m.name, m.family, str(m.seed), "-" if m.step is None else str(m.step), m.architecture,
+                      str(m.n_layers), str(m.d_model), str(m.d_mlp), str(m.vocab_size), m.source)
     out.print(table if models else "no models registered: run `atlas model add SOURCE --family F --seed S`")
 
 
@@ -260,9 +265,15 @@ def train_seeds(
     steps: int = typer.Option(1000, "--steps", help="Optimizer steps per seed (warmup, then cosine decay)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Rows of --ctx tokens per optimizer step."),
     lr: float = typer.Option(3e-3, "--lr", help="Peak AdamW learning rate."),
-    max_seconds: Optional[float] = typer.Option(125.0, "--max-seconds",
-                                                help="Wall-clock cap per seed; 0 for none (then training is "
-                                                     "reproducible bit for bit)."),
+    max_seconds: Optional[float] = typer.Option(0.0, "--max-seconds",
+                                                help="Wall-clock cap per seed; 0 (the default) for none. A cap "
+                                                     "stops seeds at different steps and makes runs irreproducible: "
+                                                     "choose --steps from a measured rate instead."),
+    checkpoints: str = typer.Option("", "--checkpoints",
+                                    help="Also save and register each seed at these fractions of --steps, e.g. "
+                                         "0.1,0.25,0.5: models FAMILY-seedS-stepN (the final model gets its step "
+                                         "too); correlations compare seeds step by step (view "
+                                         "universality_by_step)."),
     vocab_size: int = typer.Option(4096, "--vocab-size", help="Size of the family's byte-level BPE."),
     text_bytes: int = typer.Option(16_000_000, "--text-bytes", help="Read the dataset's documents up to this many bytes."),
     out_dir: str = typer.Option("atlas-models", "--out", help="Folder for FAMILY/seed-S model directories."),
@@ -270,10 +281,11 @@ def train_seeds(
 ) -> None:
     """Train one GPT-2 per seed on a registered dataset (shared tokenizer), register them, store the curves."""
     from atlas.training import TrainConfig
-    from ingest.train_seeds import TrainSeedsConfig, run
+    from ingest.train_seeds import TrainSeedsConfig, checkpoint_steps, run
 
     train = TrainConfig(layers=layers, d_model=d_model, d_mlp=d_mlp, n_heads=n_heads, ctx=ctx_len, steps=steps,
-                        batch_size=batch_size, lr=lr, max_seconds=max_seconds or None)
+                        batch_size=batch_size, lr=lr, max_seconds=max_seconds or None,
+                        checkpoints=checkpoint_steps(checkpoints, steps) if checkpoints.strip() else ())
     config = TrainSeedsConfig(family=family, dataset=dataset, seeds=parse_seeds(seeds, ctx.args), train=train,
                               vocab_size=vocab_size, text_bytes=text_bytes, out=out_dir)
     for outcome in run(config, open_store(db)):
@@ -286,13 +298,17 @@ def train_seeds(
 def demo(
     db: Optional[str] = DbOption,
     out_dir: str = typer.Option("atlas-models", "--out", help="Folder for the trained models."),
-    quick: bool = typer.Option(False, "--quick", help="Train briefly (about 3 minutes in all); shows less."),
+    preset: str = typer.Option("default", "--preset",
+                               help="default: ~8 min on 2 CPU cores; quick: ~3 min, shows less; long: ~1 hour, "
+                                    "6.7x the training with checkpoints at 10/25/50% (universality over training). "
+                                    "Each preset is its own family, so they do not overwrite each other."),
+    quick: bool = typer.Option(False, "--quick", help="Same as --preset quick."),
 ) -> None:
     """Train a 3-seed family on builtin:docstrings, run every ingest job, print a summary (<= 10 min on 2 cores)."""
-    from ingest.demo import DemoConfig, quick_config, run
+    from ingest.demo import DemoConfig, preset_config, run
 
-    config = DemoConfig(out=out_dir)
-    run(quick_config(config) if quick else config, open_store(db), console=out)
+    config = preset_config("quick" if quick else preset, DemoConfig(out=out_dir))
+    run(config, open_store(db), console=out)
 
 
 # --- the jobs ledger -----------------------------------------------------------------------------
@@ -310,7 +326,7 @@ def jobs(
     """List the jobs ledger, newest first; a running job whose process or heartbeat stopped shows as stale."""
     import pandas as pd
 
-    from app.queries import jobs as ledger
+    from atlas.read.queries import jobs as ledger
 
     frame = ledger(open_store(db).engine, limit=limit, status=status, kind=kind)
     for column in ("heartbeat_at", "started_at"):
@@ -351,6 +367,58 @@ def _span(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+# --- export --------------------------------------------------------------------------------------
+
+EXPORT_FORMATS = ("parquet", "csv", "jsonl", "neuronpedia")
+
+
+@app.command("export")
+def export(
+    query_or_table: str = typer.Argument(..., help="A table or view (e.g. neuron_atlas, top_examples) or one "
+                                                   "SELECT in quotes; with --format neuronpedia: neurons."),
+    fmt: str = typer.Option(..., "--format", help="parquet (column types kept), csv or jsonl; or neuronpedia: one "
+                                                  "JSON per neuron of --model in Neuronpedia's shape."),
+    out_path: str = typer.Option(..., "--out", help="The file to write; for neuronpedia a new folder "
+                                                    "(LAYER/NEURON.json) or a .jsonl file (one line per neuron)."),
+    model: Optional[str] = typer.Option(None, "--model", help="neuronpedia: the model whose neurons are exported."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="neuronpedia: the dataset of the top examples "
+                                                                  "(default: the model's only one)."),
+    batch_rows: int = typer.Option(10_000, "--batch-rows", help="Rows fetched and written at a time; memory holds "
+                                                                "one batch, whatever the size of the result."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds the query may run (on PostgreSQL, each "
+                                                            "fetch of a batch)."),
+    db: Optional[str] = DbOption,
+) -> None:
+    """Export a table, view or SELECT in batches (read-only, as the SQL console reads), or a model's neurons
+    for Neuronpedia. A failed export leaves no file behind."""
+    from atlas.read.export import check_format, export_query
+    from atlas.store.read_only import console_engine
+
+    check_format(fmt, EXPORT_FORMATS)
+    neuronpedia = fmt == "neuronpedia"
+    _check_export_options(query_or_table, neuronpedia, model, dataset)
+    engine = console_engine(open_store(db).url)
+    try:
+        if neuronpedia:
+            from atlas.read.neuronpedia import export_neuronpedia
+
+            count, used = export_neuronpedia(engine, model, out_path, dataset, batch_rows, timeout)
+            out.print(f"wrote {count:,} neurons of {model} (top examples from {used or 'no dataset'}) to {out_path}")
+        else:
+            result = export_query(engine, query_or_table, fmt, out_path, batch_rows, timeout)
+            out.print(f"wrote {result.rows:,} rows in {result.batches:,} batches to {result.path}")
+    finally:
+        engine.dispose()
+
+
+def _check_export_options(source: str, neuronpedia: bool, model: str | None, dataset: str | None) -> None:
+    if neuronpedia and (source != "neurons" or model is None):
+        raise AtlasError("--format neuronpedia exports neurons of one model: atlas export neurons --format "
+                         "neuronpedia --model NAME --out DIR")
+    if not neuronpedia and (model is not None or dataset is not None):
+        raise AtlasError("--model and --dataset go with --format neuronpedia; filter a table with a SELECT instead")
 
 
 # --- app -----------------------------------------------------------------------------------------

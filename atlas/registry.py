@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from atlas.errors import AtlasError
@@ -20,10 +21,20 @@ def default_model_name(source: str, revision: str | None) -> str:
     return f"{name}@{revision}" if revision else name
 
 
+def step_of_revision(revision: str | None) -> int | None:
+    """Pythia and PolyPythia name their checkpoints step1000 etc.: such a revision says the step."""
+    match = re.fullmatch(r"step(\d+)", revision or "")
+    return int(match.group(1)) if match else None
+
+
 def register_model(
-    store: Store, source: str, *, family: str, seed: int, name: str | None = None, revision: str | None = None
+    store: Store, source: str, *, family: str, seed: int, name: str | None = None, revision: str | None = None,
+    step: int | None = None,
 ) -> tuple[Model, bool]:
     """Register a model (loading its config and weights). Returns (model, created).
+
+    step: the training step of a checkpoint (default: read from a stepN revision); the seeds of a
+    family at one step are compared with each other.
 
     Refused, each in one line with nothing written: a name taken by other files or by another
     family/seed, a taken (family, seed), non-finite weights, weights identical to a registered
@@ -34,46 +45,57 @@ def register_model(
     if Path(source).exists():
         source = str(Path(source).resolve())
     name = name or default_model_name(source, revision)
+    step = step if step is not None else step_of_revision(revision)
+    if step is not None and step < 0:
+        raise AtlasError(f"--step must be a non-negative training step, got {step}")
     with store.session() as session:
         existing = session.scalars(select(Model).where(Model.name == name)).first()
         if existing is not None:
-            _require_same_registration(existing, source, revision, family, seed)
+            _require_same_registration(existing, source, revision, family, seed, step)
             return existing, False
-        _require_free_seed(session, family, seed)
+        _require_free_seed(session, family, seed, step)
     with quiet_loading():
         loaded = load_model(source, revision)
     bad = first_nonfinite_parameter(loaded.model)
     if bad is not None:
         raise AtlasError(f"model {name!r} has non-finite weights (NaN or inf in {bad}): "
                          "register a checkpoint whose weights are all finite")
-    model = Model(name=name, family=family, seed=seed, source=source, revision=revision,
+    model = Model(name=name, family=family, seed=seed, step=step, source=source, revision=revision,
                   weights_hash=weights_hash(loaded.model), **model_summary(loaded))
     with store.transaction() as session:  # the family is read again where the row is written
-        _require_free_seed(session, family, seed)
+        _require_free_seed(session, family, seed, step)
         _require_family_fit(session, model)
         session.add(model)
     return model, True
 
 
-def _require_same_registration(existing: Model, source: str, revision: str | None, family: str, seed: int) -> None:
+def _require_same_registration(existing: Model, source: str, revision: str | None, family: str, seed: int,
+                               step: int | None) -> None:
     """Adding a registered name again is a no-op only when it means the very same model."""
     if existing.source != source or existing.revision != revision:
         raise AtlasError(
             f"model name {existing.name!r} is already registered from {existing.source}"
             f"{'@' + existing.revision if existing.revision else ''}: choose another --name"
         )
-    if (existing.family, existing.seed) != (family, seed):
+    if (existing.family, existing.seed, existing.step) != (family, seed, step):
         raise AtlasError(
-            f"model {existing.name!r} is already registered as family {existing.family!r} seed {existing.seed}, "
-            f"not family {family!r} seed {seed}: pass --family {existing.family} --seed {existing.seed}, "
+            f"model {existing.name!r} is already registered as family {existing.family!r} seed {existing.seed}"
+            f"{_at(existing.step)}, not family {family!r} seed {seed}{_at(step)}: pass --family {existing.family} "
+            f"--seed {existing.seed}{'' if existing.step is None else f' --step {existing.step}'}, "
             f"or `atlas model remove {existing.name}` first"
         )
 
 
-def _require_free_seed(session: Session, family: str, seed: int) -> None:
-    taken = session.scalars(select(Model).where(Model.family == family, Model.seed == seed)).first()
+def _at(step: int | None) -> str:
+    return "" if step is None else f" at step {step}"
+
+
+def _require_free_seed(session: Session, family: str, seed: int, step: int | None = None) -> None:
+    same_step = Model.step.is_(None) if step is None else Model.step == step
+    taken = session.scalars(select(Model).where(Model.family == family, Model.seed == seed, same_step)).first()
     if taken is not None:
-        raise AtlasError(f"family {family!r} already has seed {seed} ({taken.name}): choose another --seed")
+        raise AtlasError(f"family {family!r} already has seed {seed}{_at(step)} ({taken.name}): "
+                         "choose another --seed" + (" or --step" if step is not None else ""))
 
 
 # What every seed of a family shares: jobs compare them position by position and neuron by neuron.
@@ -147,7 +169,7 @@ def verified_weights_hash(model: Model, loaded: Any) -> str:
 
 
 def list_models(session: Session, family: str | None = None) -> list[Model]:
-    query = select(Model).order_by(Model.family, Model.seed)
+    query = select(Model).order_by(Model.family, Model.seed, func.coalesce(Model.step, -1))
     if family:
         query = query.where(Model.family == family)
     return list(session.scalars(query))

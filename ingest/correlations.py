@@ -103,7 +103,16 @@ def _check_family(models: list[Model], family: str) -> None:
     if len(models) < 2:
         raise AtlasError(f"family {family!r} has one model ({models[0].name}): correlations need two seeds or more; "
                          f"register another with `atlas model add SOURCE --family {family} --seed S`")
+    if not same_step_pairs(models):
+        raise AtlasError(f"family {family!r} has no two seeds at the same step ({', '.join(m.name for m in models)}): "
+                         f"register the other seeds at the same --step")
     require_shared_tokenizer(models)
+
+
+def same_step_pairs(models: list[Model]) -> list[tuple[Model, Model]]:
+    """Ordered pairs of different seeds at the same training step (checkpoints are compared step by step;
+    a model without a step pairs with the others without one)."""
+    return [(a, b) for a in models for b in models if a.id != b.id and a.step == b.step]
 
 
 # -- planning -----------------------------------------------------------------------------------
@@ -406,7 +415,7 @@ def run(config: CorrelationsConfig, store: Store) -> None:
     check_dataset(dataset, config.tokens)
     check_tokens(store, dataset, models)
     context = RunContext(config, dataset, {m.id: m for m in models}, config_hash(science_config(config)))
-    pairs = [(a, b) for a in models for b in models if a.id != b.id]
+    pairs = same_step_pairs(models)
     with store.session() as session:
         pending = [(a, b) for a, b in pairs
                    if config.overwrite or find_done(session, pair_key(a, b, dataset.id), context.config_hash) is None]

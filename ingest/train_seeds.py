@@ -19,7 +19,7 @@ from sqlalchemy import delete, select
 from atlas.errors import AtlasError
 from atlas.registry import register_model, resolve_dataset
 from atlas.store import Store
-from atlas.store.schema import Dataset, TrainingCurve, TrainingRun
+from atlas.store.schema import Dataset, Model, TrainingCurve, TrainingRun
 from atlas.training import TrainConfig, TrainResult
 
 DEFAULT_TEXT_BYTES = 16_000_000  # the whole default builtin:docstrings corpus; ~5M tokens
@@ -75,7 +75,10 @@ def data_settings(config: TrainSeedsConfig, dataset: Dataset) -> dict[str, Any]:
 
 def recipe(config: TrainSeedsConfig, dataset: Dataset) -> dict[str, Any]:
     """Stored as training_runs.config; a reused seed must have been trained with this same recipe."""
-    return {"train": json.loads(json.dumps(asdict(config.train))), "data": data_settings(config, dataset)}
+    train = json.loads(json.dumps(asdict(config.train)))
+    if not train["checkpoints"]:
+        del train["checkpoints"]  # recipes stored before checkpoints existed stay equal
+    return {"train": train, "data": data_settings(config, dataset)}
 
 
 def run(config: TrainSeedsConfig, store: Store) -> list[SeedOutcome]:
@@ -126,13 +129,26 @@ def _reusable_seeds(config: TrainSeedsConfig, store: Store, wanted: dict[str, An
             TrainingRun.family == config.family, TrainingRun.seed.in_(config.seeds))).all()
     reusable = set()
     for stored in runs:
-        if not (Path(stored.out_dir) / "config.json").exists():
-            continue  # the directory is gone: train the seed again
-        if stored.config != wanted:
+        if not _saved(Path(stored.out_dir), config.train.checkpoints):
+            continue  # the directory (or a checkpoint) is gone: train the seed again
+        if _without_cap(stored.config) != _without_cap(wanted):
             raise AtlasError(f"seed {stored.seed} of family {config.family!r} was trained with other settings "
                              f"({_difference(stored.config, wanted)}): use another --family")
-        reusable.add(stored.seed)
+        if stored.steps == config.train.steps:  # a seed a wall-clock cap cut short is trained again
+            reusable.add(stored.seed)
     return reusable
+
+
+def _without_cap(recipe_: dict[str, Any]) -> dict[str, Any]:
+    """A wall-clock cap that never stopped the run left no trace in the model (the steps say whether it did)."""
+    return {**recipe_, "train": {k: v for k, v in recipe_.get("train", {}).items() if k != "max_seconds"}}
+
+
+def _saved(directory: Path, checkpoints: tuple[int, ...]) -> bool:
+    from atlas.training.train import checkpoint_dir
+
+    return all((path / "config.json").exists() for path in [directory, *(checkpoint_dir(directory, step)
+                                                                        for step in checkpoints)])
 
 
 def _difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
@@ -145,8 +161,7 @@ def _reuse(config: TrainSeedsConfig, store: Store, seed: int) -> SeedOutcome:
     with store.session() as session:
         stored = session.scalars(select(TrainingRun).where(
             TrainingRun.family == config.family, TrainingRun.seed == seed)).one()
-    model, _ = register_model(store, stored.out_dir, family=config.family, seed=seed,
-                              name=model_name(config.family, seed))
+    model = _register_seed(config, store, seed, Path(stored.out_dir), stored.steps)
     if stored.model_id != model.id:
         with store.transaction() as session:
             session.get(TrainingRun, stored.id).model_id = model.id
@@ -253,12 +268,38 @@ def _write_heldout(config: TrainSeedsConfig, heldout_texts: list[str]) -> None:
     staging.replace(path)
 
 
+def _register_seed(config: TrainSeedsConfig, store: Store, seed: int, directory: Path, steps_done: int) -> Model:
+    """The trained seed, and its checkpoints as models of the same family and seed at their steps (then
+    the final model carries its step too, so that every step of the family lines up)."""
+    from atlas.training.train import checkpoint_dir
+
+    name = model_name(config.family, seed)
+    for step in config.train.checkpoints:
+        register_model(store, str(checkpoint_dir(directory, step)), family=config.family, seed=seed,
+                       name=f"{name}-step{step}", step=step)
+    final_step = steps_done if config.train.checkpoints else None
+    model, _ = register_model(store, str(directory), family=config.family, seed=seed, name=name, step=final_step)
+    return model
+
+
+def checkpoint_steps(fractions: str, steps: int) -> tuple[int, ...]:
+    """--checkpoints 0.1,0.25,0.5: the steps at those fractions of --steps (each at least 1, before the end)."""
+    try:
+        values = [float(part) for part in fractions.replace(",", " ").split()]
+    except ValueError:
+        raise AtlasError(f"--checkpoints takes fractions of --steps, e.g. 0.1,0.25,0.5; got {fractions!r}") from None
+    if any(not 0 < value < 1 for value in values):
+        raise AtlasError(f"--checkpoints fractions must lie strictly between 0 and 1 (the end is the model "
+                         f"itself); got {fractions!r}")
+    chosen = sorted({max(1, round(value * steps)) for value in values} - {steps})
+    return tuple(chosen)
+
+
 def _store_seed(
     config: TrainSeedsConfig, store: Store, wanted: dict[str, Any], result: TrainResult, bar_entropy: float
 ) -> SeedOutcome:
     directory = seed_dir(config, result.seed)
-    model, _ = register_model(store, str(directory), family=config.family, seed=result.seed,
-                              name=model_name(config.family, result.seed))
+    model = _register_seed(config, store, result.seed, directory, result.steps_done)
     run_row = TrainingRun(
         family=config.family, seed=result.seed, model_id=model.id, out_dir=str(directory), config=wanted,
         steps=result.steps_done, tokens_seen=result.steps_done * config.train.batch_size * config.train.ctx,

@@ -10,8 +10,9 @@ import pytest
 from sqlalchemy import inspect, text
 from streamlit.testing.v1 import AppTest
 
-from app import charts, queries
+from app import charts
 from atlas.errors import AtlasError
+from atlas.read import queries
 from atlas.store.sql_check import QUERY_KINDS, SqlRefused, check_query
 from atlas.store import Store
 
@@ -256,7 +257,8 @@ def test_sql_page_refuses_a_write_with_a_message(db_url: str, monkeypatch) -> No
     assert not app.error and not app.exception
     results = [frame.value for frame in app.dataframe if list(frame.value.columns) == ["name", "n_rows"]]
     assert [result.values.tolist() for result in results] == [[["models", 0]]]
-    assert [button.label for button in app.get("download_button")] == ["Download CSV", "Download Parquet"]
+    assert [button.label for button in app.get("download_button")] == ["Download CSV", "Download Parquet",
+                                                                       "Download JSONL"]
 
 
 def test_unmigrated_database_is_one_message_not_a_trace(empty_db_url: str, monkeypatch) -> None:

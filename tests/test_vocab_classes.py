@@ -50,7 +50,7 @@ def _plant(source, target):
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     generator = torch.Generator().manual_seed(11)
     wte, c_proj = model.transformer.wte.weight, model.transformer.h[-1].mlp.c_proj.weight  # c_proj [d_mlp, d_model]
-    d_model, row_norm = wte.shape[1], float(wte.norm(dim=1).mean())
+    d_model, row_norm = wte.shape[1], float(wte.detach().norm(dim=1).mean())
 
     def direction():
         u = torch.randn(d_model, generator=generator)

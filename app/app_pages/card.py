@@ -6,8 +6,9 @@ import math
 
 import streamlit as st
 
-from app import charts, connection, guidance, queries
+from app import charts, connection, guidance
 from app.links import card_page_link
+from atlas.read import queries
 
 WEIGHT_METRICS = [
     ("w_in_norm", "‖w_in‖"), ("w_out_norm", "‖w_out‖"), ("in_out_cos", "cos(w_in, w_out)"),

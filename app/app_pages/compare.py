@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import charts, connection, guidance, queries
+from app import charts, connection, guidance
 from app.links import card_page_link
+from atlas.read import queries
 
 RANKED = 200
 TOKENS_SHOWN = 10
@@ -36,6 +37,12 @@ def render() -> None:
     n_above, n_total = queries.count_above_threshold(engine, model, dataset, threshold)
     st.markdown(f"**{n_above}** of {n_total} neurons of {model} have excess correlation > **{threshold:g}** "
                 f"(the stored universal threshold is {stored:g}).")
+
+    by_step = queries.universality_by_step(engine, family, dataset)
+    if not by_step.empty:
+        st.subheader("Universality over training")
+        st.caption("Seeds compared checkpoint by checkpoint (models registered with a step).")
+        st.altair_chart(charts.universality_over_training(by_step))
 
     st.subheader("Max correlation against the rotation baseline")
     st.altair_chart(charts.correlation_histogram(queries.max_corr_histogram(engine, model, dataset)))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import charts, connection, guidance, queries
+from app import charts, connection, guidance
 from app.links import card_url
+from atlas.read import queries
 
 SHOWN_NEURONS = 2000
 

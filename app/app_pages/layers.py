@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import charts, connection, guidance, queries
+from app import charts, connection, guidance
+from atlas.read import queries
 
 
 def render() -> None:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import io
-
 import streamlit as st
 
-from app import connection, guidance, queries
+from app import connection, guidance
 from atlas.errors import AtlasError
+from atlas.read import export, queries
 
 ROW_LIMITS = [100, 1000, 10_000, 100_000]
 TIMEOUT_S = 15.0
+DOWNLOADS = [("Download CSV", "csv", "text/csv"), ("Download Parquet", "parquet", "application/vnd.apache.parquet"),
+             ("Download JSONL", "jsonl", "application/jsonl")]
 
 
 def render() -> None:
@@ -59,20 +60,9 @@ def _show_result(result: queries.ConsoleResult | str) -> None:
     st.dataframe(frame, hide_index=True)
     if frame.empty:
         return
-    csv_column, parquet_column = st.columns(2)
-    csv_column.download_button("Download CSV", frame.to_csv(index=False).encode(), "atlas_query.csv", "text/csv")
-    parquet_column.download_button("Download Parquet", _parquet_bytes(frame), "atlas_query.parquet",
-                                   "application/vnd.apache.parquet")
-
-
-def _parquet_bytes(frame) -> bytes:
-    buffer = io.BytesIO()
-    # Mixed-type object columns (e.g. JSON text next to NULL) are written as text rather than refused.
-    safe = frame.copy()
-    for column in safe.columns[safe.dtypes == object]:
-        safe[column] = safe[column].map(lambda value: None if value is None else str(value))
-    safe.to_parquet(buffer, index=False)
-    return buffer.getvalue()
+    for column, (label, fmt, mime) in zip(st.columns(len(DOWNLOADS)), DOWNLOADS):
+        # The same writers as `atlas export` (a column of mixed types becomes text in Parquet).
+        column.download_button(label, export.frame_bytes(frame, fmt), f"atlas_query.{fmt}", mime)
 
 
 def _schema_browser(engine) -> None:

@@ -21,8 +21,9 @@ import os
 import sqlite3
 import time
 import urllib.parse
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 from sqlalchemy import Connection, Engine, create_engine, text
@@ -286,20 +287,32 @@ def _sqlite_read_only_authorizer(action: int, arg1: str | None, arg2: str | None
 # --- execution -----------------------------------------------------------------------------------
 
 
-def execute_read_only(engine: Engine, statement: str, row_limit: int, timeout_s: float) -> ConsoleResult:
-    """Run ONE statement on a console engine with a time limit, keeping at most row_limit rows.
+Fetch = Callable[[int], list[tuple]]
 
-    No parser here: this is the database-level protection, tested on its own.
+
+@contextmanager
+def read_only_rows(engine: Engine, statement: str, timeout_s: float,
+                   batch_rows: int = 2000) -> Iterator[tuple[list[str], Fetch]]:
+    """Run ONE statement on a console engine: (columns, fetch) where fetch(n) returns up to n more
+    rows ([] at the end). PostgreSQL streams them from a server-side cursor batch_rows at a time.
+
+    On leaving, the transaction is rolled back and the connection closed. No parser here: this is
+    the database-level protection, tested on its own; errors are AtlasError("query failed: ...").
     """
-    started = time.perf_counter()
     raw = engine.raw_connection()
     try:
-        if engine.dialect.name == "sqlite":
-            columns, rows = _run_sqlite(raw.driver_connection, statement, row_limit, started + timeout_s, timeout_s)
-        else:
-            columns, rows = _run_postgresql(raw.driver_connection, statement, row_limit, timeout_s)
+        run = _sqlite_rows if engine.dialect.name == "sqlite" else _postgresql_rows
+        with run(raw.driver_connection, statement, timeout_s, batch_rows) as stream:
+            yield stream
     finally:
         raw.invalidate()  # closed, never back in a pool
+
+
+def execute_read_only(engine: Engine, statement: str, row_limit: int, timeout_s: float) -> ConsoleResult:
+    """Run ONE statement on a console engine with a time limit, keeping at most row_limit rows."""
+    started = time.perf_counter()
+    with read_only_rows(engine, statement, timeout_s, batch_rows=min(row_limit + 1, 2000)) as (columns, fetch):
+        rows = fetch(row_limit + 1)  # one more than the limit tells whether the result was cut
     frame = pd.DataFrame.from_records(rows[:row_limit], columns=columns)
     return ConsoleResult(frame, len(rows) > row_limit, time.perf_counter() - started, statement)
 
@@ -309,14 +322,20 @@ def _one_line(error: BaseException) -> str:
     return message.splitlines()[0] if message else type(error).__name__
 
 
-def _run_sqlite(connection: sqlite3.Connection, statement: str, row_limit: int, deadline: float,
-                timeout_s: float) -> tuple[list[str], list[tuple]]:
+def _no_rows(_: int) -> list[tuple]:
+    return []
+
+
+@contextmanager
+def _sqlite_rows(connection: sqlite3.Connection, statement: str, timeout_s: float,
+                 _batch_rows: int) -> Iterator[tuple[list[str], Fetch]]:
+    deadline = time.perf_counter() + timeout_s  # the whole statement, every fetch included
     connection.set_progress_handler(lambda: int(time.perf_counter() > deadline), 10_000)
     cursor = connection.cursor()
     try:
         cursor.execute(statement)  # sqlite3 refuses a second statement
         columns = [column[0] for column in cursor.description or []]
-        return columns, (cursor.fetchmany(row_limit + 1) if columns else [])
+        yield columns, (cursor.fetchmany if columns else _no_rows)
     except (sqlite3.Error, sqlite3.Warning) as error:
         message = _one_line(error)
         if "interrupted" in message:
@@ -329,26 +348,28 @@ def _run_sqlite(connection: sqlite3.Connection, statement: str, row_limit: int, 
         connection.rollback()
 
 
-def _run_postgresql(connection: Any, statement: str, row_limit: int, timeout_s: float) -> tuple[list[str], list[tuple]]:
+@contextmanager
+def _postgresql_rows(connection: Any, statement: str, timeout_s: float,
+                     batch_rows: int) -> Iterator[tuple[list[str], Fetch]]:
     import psycopg
 
     try:
+        milliseconds = max(1, int(timeout_s * 1000))
         with connection.cursor() as setup:
             setup.execute("SET TRANSACTION READ ONLY")
-            setup.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout_s * 1000))}")
-            setup.execute(f"SET LOCAL idle_in_transaction_session_timeout = {max(1, int(timeout_s * 1000)) + 5000}")
-        if _is_utility(statement):
-            # EXPLAIN / SHOW cannot be DECLAREd; prepare=True sends them through the extended
-            # protocol too, so the server still rejects a second statement. Their output is small.
-            with connection.cursor() as cursor:
+            setup.execute(f"SET LOCAL statement_timeout = {milliseconds}")  # each FETCH gets the limit
+            setup.execute(f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds + 5000}")
+        # EXPLAIN / SHOW cannot be DECLAREd; prepare=True sends them through the extended protocol
+        # too, so the server still rejects a second statement. Their output is small.
+        utility = _is_utility(statement)
+        with connection.cursor() if utility else connection.cursor(name=CONSOLE_CURSOR) as cursor:
+            if utility:
                 cursor.execute(statement, prepare=True)
-                columns = [column.name for column in cursor.description or []]
-                return columns, (cursor.fetchmany(row_limit + 1) if columns else [])
-        with connection.cursor(name=CONSOLE_CURSOR) as cursor:  # DECLARE ... CURSOR FOR <one query>
-            cursor.itersize = min(row_limit + 1, 2000)
-            cursor.execute(statement)
+            else:  # DECLARE ... CURSOR FOR <one query>
+                cursor.itersize = batch_rows
+                cursor.execute(statement)
             columns = [column.name for column in cursor.description or []]
-            return columns, cursor.fetchmany(row_limit + 1)
+            yield columns, (cursor.fetchmany if columns else _no_rows)
     except psycopg.Error as error:
         message = _one_line(error)
         if isinstance(error, psycopg.errors.QueryCanceled):

@@ -51,6 +51,9 @@ class Model(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     family: Mapped[str] = mapped_column(String(200), index=True)
     seed: Mapped[int]
+    # Training step of a checkpoint (hub revisions such as step1000, or train-seeds --checkpoints);
+    # NULL for a model known only as itself. Seeds at the same step are compared with each other.
+    step: Mapped[Optional[int]]
     source: Mapped[str] = mapped_column(Text)
     revision: Mapped[Optional[str]] = mapped_column(String(200))
     architecture: Mapped[str] = mapped_column(String(50))
@@ -64,7 +67,9 @@ class Model(Base):
     weights_hash: Mapped[Optional[str]] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
 
-    __table_args__ = (UniqueConstraint("family", "seed"),)
+    # One model per (family, seed, step), a NULL step counting as one value (an expression index:
+    # SQLite has no NULLS NOT DISTINCT).
+    __table_args__ = (Index("uq_models_family_seed_step", "family", "seed", text("coalesce(step, -1)"), unique=True),)
 
 
 class Dataset(Base):

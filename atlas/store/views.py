@@ -8,9 +8,12 @@ REL_DEPTH = (
     "CASE WHEN m.n_layers > 1 THEN CAST({layer} AS DOUBLE PRECISION) / (m.n_layers - 1) ELSE 0.0 END"
 )
 
+# The TransformerLens hook of a neuron's activation, so rows join with TransformerLens / SAELens work.
+HOOK_NAME = "'blocks.' || CAST({layer} AS VARCHAR(12)) || '.mlp.hook_post'"
+
 UNIVERSAL_NEURONS = """
 CREATE VIEW universal_neurons AS
-SELECT m.name AS model, m.family, m.seed, c.model_id, d.name AS dataset, c.dataset_id, c.layer, c.neuron,
+SELECT m.name AS model, m.family, m.seed, m.step, c.model_id, d.name AS dataset, c.dataset_id, c.layer, c.neuron,
        COUNT(c.max_corr) AS n_other_seeds,
        AVG(c.max_corr) AS mean_max_corr,
        AVG(c.baseline_max_corr) AS mean_baseline_corr,
@@ -20,14 +23,14 @@ SELECT m.name AS model, m.family, m.seed, c.model_id, d.name AS dataset, c.datas
 FROM neuron_correlations c
 JOIN models m ON m.id = c.model_id
 JOIN datasets d ON d.id = c.dataset_id
-GROUP BY m.name, m.family, m.seed, c.model_id, d.name, c.dataset_id, c.layer, c.neuron
+GROUP BY m.name, m.family, m.seed, m.step, c.model_id, d.name, c.dataset_id, c.layer, c.neuron
 """
 
 NEURON_ATLAS = f"""
 CREATE VIEW neuron_atlas AS
-SELECT m.family, m.seed, m.name AS model, n.model_id, n.layer,
+SELECT m.family, m.seed, m.step, m.name AS model, n.model_id, n.layer,
        {REL_DEPTH.format(layer="n.layer")} AS rel_depth,
-       n.neuron, n.w_in_norm, n.w_gate_norm, n.b_in, n.w_out_norm, n.in_out_cos, n.l2_penalty,
+       n.neuron, {HOOK_NAME.format(layer="n.layer")} AS hook_name, n.w_in_norm, n.w_gate_norm, n.b_in, n.w_out_norm, n.in_out_cos, n.l2_penalty,
        n.vocab_mean, n.vocab_var, n.vocab_skew, n.vocab_kurt, n.vocab_class,
        d.name AS dataset, a.dataset_id,
        a.n AS act_n, a.mean AS act_mean, a.var AS act_var, a.skew AS act_skew, a.kurt AS act_kurt,
@@ -55,7 +58,7 @@ WITH layer_keys AS (
            SUM(CASE WHEN vocab_class = 'partition' THEN 1 ELSE 0 END) AS n_partition
     FROM neurons GROUP BY model_id, layer
 )
-SELECT m.family, m.seed, m.name AS model, k.model_id, d.name AS dataset, k.dataset_id, k.layer,
+SELECT m.family, m.seed, m.step, m.name AS model, k.model_id, d.name AS dataset, k.dataset_id, k.layer,
        {REL_DEPTH.format(layer="k.layer")} AS rel_depth,
        c.n_neurons, c.n_prediction, c.n_suppression, c.n_partition,
        ll.kl_to_final AS lens_kl, ll.entropy_nats AS lens_entropy_nats, ll.entropy_bits AS lens_entropy_bits,
@@ -75,11 +78,33 @@ LEFT JOIN layer_interventions sw
 LEFT JOIN layer_stats s ON s.model_id = k.model_id AND s.dataset_id = k.dataset_id AND s.layer = k.layer
 """
 
-# Creation order respects dependencies (neuron_atlas reads universal_neurons); drop in reverse.
+# Checkpoints of a family's seeds at one training step (models.step) are compared with each other:
+# the universal fraction at each step shows when universal neurons appear during training.
+UNIVERSALITY_BY_STEP = """
+CREATE VIEW universality_by_step AS
+SELECT u.family, u.step, u.dataset, u.dataset_id,
+       COUNT(DISTINCT u.model_id) AS n_seeds,
+       COUNT(*) AS n_neurons,
+       AVG(CASE WHEN u.excess_corr > 0.5 THEN 1.0 ELSE 0.0 END) AS universal_fraction_05,
+       AVG(CASE WHEN u.excess_corr > 0.3 THEN 1.0 ELSE 0.0 END) AS universal_fraction_03,
+       AVG(u.excess_corr) AS mean_excess_corr,
+       AVG(u.mean_max_corr) AS mean_max_corr,
+       AVG(u.mean_baseline_corr) AS mean_baseline_corr,
+       SUM(CASE WHEN n.vocab_class = 'prediction' THEN 1 ELSE 0 END) AS n_prediction,
+       SUM(CASE WHEN n.vocab_class = 'suppression' THEN 1 ELSE 0 END) AS n_suppression
+FROM universal_neurons u
+LEFT JOIN neurons n ON n.model_id = u.model_id AND n.layer = u.layer AND n.neuron = u.neuron
+WHERE u.step IS NOT NULL
+GROUP BY u.family, u.step, u.dataset, u.dataset_id
+"""
+
+# Creation order respects dependencies (neuron_atlas and universality_by_step read universal_neurons);
+# drop in reverse.
 VIEWS: dict[str, str] = {
     "universal_neurons": UNIVERSAL_NEURONS,
     "neuron_atlas": NEURON_ATLAS,
     "layer_profile": LAYER_PROFILE,
+    "universality_by_step": UNIVERSALITY_BY_STEP,
 }
 
 

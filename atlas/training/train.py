@@ -44,9 +44,10 @@ class TrainConfig:
     dropout: float = 0.0        # tiny models trained for ~1 epoch do not overfit
     bf16: bool = True           # bf16 autocast on CPU: 1.6-1.8x faster than fp32 here
     attention: str = "eager"    # eager beat sdpa on this CPU
-    max_seconds: float | None = 125.0  # wall-clock cap per seed on the loop (evaluations included)
+    max_seconds: float | None = None   # optional wall-clock cap per seed (unequal steps: avoid for studies)
     heldout_tokens: int = 16_384       # held-out tokens per evaluation
     eval_every: int = 200
+    checkpoints: tuple[int, ...] = ()  # steps (< steps) at which a copy is saved to out_dir/step-N
 
 
 @dataclass
@@ -195,6 +196,8 @@ def train_seed(
         step += 1
         if progress is not None:
             progress(step, config.steps, loss)
+        if step in config.checkpoints and step < config.steps:
+            save_checkpoint(model, tokenizer, config, step, Path(out_dir))
         if step % config.eval_every == 0 and step < config.steps:
             curve.append((step, float(np.mean(window_losses)), heldout_loss(model, eval_rows, config)))
             window_losses = []
@@ -236,6 +239,20 @@ def train_step(
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
     optimizer.step()
     return loss.item()
+
+
+def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / f"step-{step}"
+
+
+def save_checkpoint(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerBase, config: TrainConfig, step: int,
+                    out_dir: Path) -> None:
+    """The model as it is after `step` optimizer steps, loadable on its own (universality over training)."""
+    target = checkpoint_dir(out_dir, step)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    (target / "training.json").write_text(json.dumps({"config": asdict(config), "step": step}, indent=2))
 
 
 def save_seed(

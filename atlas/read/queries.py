@@ -1,7 +1,8 @@
-"""Every SQL text the app runs, as functions that return pandas DataFrames.
+"""The read model: every SQL text the app, the Python API (atlas.api) and the exports run, as
+functions that return pandas DataFrames.
 
-Pages call these and plot; nothing here knows Streamlit. One SQL text serves SQLite and
-PostgreSQL (no dialect branches except the console's read-only connection).
+Nothing here knows Streamlit. One SQL text serves SQLite and PostgreSQL (no dialect branches
+except the console's read-only connection, atlas.store.read_only).
 """
 
 from __future__ import annotations
@@ -15,8 +16,21 @@ from sqlalchemy import Engine, bindparam, inspect, text
 
 from atlas.store import read_only
 from atlas.store.schema import Base
+from atlas.store.views import REL_DEPTH
 
-REL_DEPTH = "CASE WHEN m.n_layers > 1 THEN CAST({layer} AS DOUBLE PRECISION) / (m.n_layers - 1) ELSE 0.0 END"
+
+def hook_name(layer: int) -> str:
+    """The TransformerLens hook of a neuron's activation: neuron_atlas.hook_name (views.HOOK_NAME) in Python."""
+    return f"blocks.{int(layer)}.mlp.hook_post"
+
+
+def _plain(value: Any) -> Any:
+    """A parameter as the drivers take it: numpy scalars (a value read from a DataFrame) as Python's."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple, set, np.ndarray)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _frame(engine: Engine, sql: str, expanding: Sequence[str] = (), **params: Any) -> pd.DataFrame:
@@ -24,7 +38,30 @@ def _frame(engine: Engine, sql: str, expanding: Sequence[str] = (), **params: An
     if expanding:
         statement = statement.bindparams(*(bindparam(name, expanding=True) for name in expanding))
     with engine.connect() as conn:
-        return pd.read_sql_query(statement, conn, params=params)
+        return pd.read_sql_query(statement, conn, params={name: _plain(value) for name, value in params.items()})
+
+
+def _where(**conditions: tuple[str, Any]) -> tuple[str, dict[str, Any], tuple[str, ...]]:
+    """A WHERE clause over the conditions whose value is not None: name=(SQL column, value).
+
+    A list or tuple value means IN. Returns (clause or "", parameters, the expanding parameters).
+    """
+    clauses, params, expanding = [], {}, []
+    for name, (column, value) in conditions.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple, set, np.ndarray, pd.Series)):
+            clauses.append(f"{column} IN :{name}")
+            expanding.append(name)
+            value = list(value)
+        else:
+            clauses.append(f"{column} = :{name}")
+        params[name] = value
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params, tuple(expanding)
+
+
+def _limit(limit: int | None) -> str:
+    return "" if limit is None else f"LIMIT {int(limit)}"
 
 
 def _scalar(engine: Engine, sql: str, **params: Any) -> Any:
@@ -32,7 +69,7 @@ def _scalar(engine: Engine, sql: str, **params: Any) -> Any:
         return conn.execute(text(sql), params).scalar()
 
 
-def _json_list(value: Any) -> list | None:
+def json_list(value: Any) -> list | None:
     """JSON columns come back as text on SQLite and as lists on PostgreSQL."""
     if isinstance(value, list):
         return value
@@ -62,11 +99,11 @@ def family_names(engine: Engine) -> list[str]:
 
 
 def models(engine: Engine, family: str | None = None) -> pd.DataFrame:
-    where = "WHERE family = :family" if family is not None else ""
+    where, params, expanding = _where(family=("family", family))
     return _frame(engine, f"""
         SELECT id AS model_id, name, family, seed, architecture, n_layers, d_model, d_mlp, vocab_size,
                source, revision, created_at
-        FROM models {where} ORDER BY family, seed""", family=family)
+        FROM models {where} ORDER BY family, seed""", expanding, **params)
 
 
 def model_info(engine: Engine, name: str) -> dict[str, Any] | None:
@@ -118,6 +155,46 @@ def training_curves(engine: Engine) -> pd.DataFrame:
         FROM training_curves c JOIN training_runs r ON r.id = c.run_id
         WHERE c.heldout_loss IS NOT NULL
         ORDER BY 1, 2, 4, 3""")
+
+
+# --- neurons and correlations (the Python API) ---------------------------------------------------
+
+def neurons(engine: Engine, family: str | None = None, model: str | None = None, universal: bool | None = None,
+            layer: int | Sequence[int] | None = None, vocab_class: str | Sequence[str] | None = None,
+            dataset: str | None = None, limit: int | None = None) -> pd.DataFrame:
+    """Rows of the neuron_atlas view: one per neuron and activation dataset, with the neuron's hook_name.
+
+    universal: True keeps universal neurons, False measured ones that are not, None every neuron.
+    A list for layer or vocab_class means any of them.
+    """
+    where, params, expanding = _where(
+        family=("family", family), model=("model", model), universal=("is_universal", universal),
+        layer=("layer", layer), vocab_class=("vocab_class", vocab_class), dataset=("dataset", dataset))
+    frame = _frame(engine, f"""
+        SELECT * FROM neuron_atlas {where}
+        ORDER BY family, seed, model, layer, neuron, dataset {_limit(limit)}""", expanding, **params)
+    # SQLite stores booleans as 0/1 and PostgreSQL as booleans: one nullable dtype for both.
+    frame["is_universal"] = frame["is_universal"].astype("boolean")
+    return frame
+
+
+def correlations(engine: Engine, model: str | None = None, layer: int | None = None, neuron: int | None = None,
+                 dataset: str | None = None, family: str | None = None, limit: int | None = None) -> pd.DataFrame:
+    """Each neuron's best-correlated neuron in every other seed, with the rotation baseline and its class."""
+    where, params, expanding = _where(model=("m.name", model), family=("m.family", family), layer=("c.layer", layer),
+                                      neuron=("c.neuron", neuron), dataset=("d.name", dataset))
+    return _frame(engine, f"""
+        SELECT m.name AS model, m.seed, c.layer, c.neuron, o.name AS other_model, o.seed AS other_seed,
+               d.name AS dataset, c.max_corr, c.baseline_max_corr, c.partner_layer, c.partner_neuron,
+               p.vocab_class AS partner_class, c.universal_threshold
+        FROM neuron_correlations c
+        JOIN models m ON m.id = c.model_id
+        JOIN models o ON o.id = c.other_model_id
+        JOIN datasets d ON d.id = c.dataset_id
+        LEFT JOIN neurons p ON p.model_id = c.other_model_id AND p.layer = c.partner_layer
+             AND p.neuron = c.partner_neuron
+        {where}
+        ORDER BY m.family, m.seed, c.layer, c.neuron, d.name, o.seed {_limit(limit)}""", expanding, **params)
 
 
 # --- neuron families -----------------------------------------------------------------------------
@@ -243,23 +320,14 @@ def top_examples(engine: Engine, model: str, layer: int, neuron: int, dataset: s
         ORDER BY d.name, t.rank LIMIT :limit""",
         model=model, layer=layer, neuron=neuron, dataset=dataset, limit=limit)
     for column in ("context_tokens", "context_activations"):
-        frame[column] = frame[column].map(_json_list).astype(object)
+        frame[column] = frame[column].map(json_list).astype(object)
     return frame
 
 
 def correlation_partners(engine: Engine, model: str, layer: int, neuron: int) -> pd.DataFrame:
     """The best-correlated neuron in every other seed, with its class."""
-    return _frame(engine, """
-        SELECT o.name AS other_model, o.seed AS other_seed, d.name AS dataset, c.max_corr, c.baseline_max_corr,
-               c.partner_layer, c.partner_neuron, p.vocab_class AS partner_class
-        FROM neuron_correlations c
-        JOIN models m ON m.id = c.model_id
-        JOIN models o ON o.id = c.other_model_id
-        JOIN datasets d ON d.id = c.dataset_id
-        LEFT JOIN neurons p ON p.model_id = c.other_model_id AND p.layer = c.partner_layer
-             AND p.neuron = c.partner_neuron
-        WHERE m.name = :model AND c.layer = :layer AND c.neuron = :neuron
-        ORDER BY d.name, o.seed""", model=model, layer=layer, neuron=neuron)
+    frame = correlations(engine, model=model, layer=layer, neuron=neuron)
+    return frame.drop(columns=["model", "seed", "layer", "neuron", "universal_threshold"])
 
 
 def universal_scores(engine: Engine, model: str, layer: int, neuron: int) -> pd.DataFrame:
@@ -276,6 +344,15 @@ def families_with_correlations(engine: Engine) -> list[str]:
     frame = _frame(engine, """
         SELECT DISTINCT m.family FROM neuron_correlations c JOIN models m ON m.id = c.model_id ORDER BY m.family""")
     return frame["family"].tolist()
+
+
+def universality_by_step(engine: Engine, family: str, dataset: str) -> pd.DataFrame:
+    """The universality_by_step view for one family and dataset (empty without checkpoints)."""
+    return _frame(engine, """
+        SELECT step, n_seeds, n_neurons, universal_fraction_05, universal_fraction_03, mean_excess_corr,
+               mean_max_corr, mean_baseline_corr, n_prediction, n_suppression
+        FROM universality_by_step WHERE family = :family AND dataset = :dataset ORDER BY step""",
+        family=family, dataset=dataset)
 
 
 def correlated_models(engine: Engine, family: str, dataset: str) -> list[str]:
@@ -331,10 +408,12 @@ def layer_profile_datasets(engine: Engine, family: str) -> list[str]:
     return frame["dataset"].tolist()
 
 
-def layer_profile(engine: Engine, family: str, dataset: str) -> pd.DataFrame:
-    return _frame(engine, """
-        SELECT * FROM layer_profile WHERE family = :family AND dataset = :dataset ORDER BY seed, layer""",
-        family=family, dataset=dataset)
+def layer_profile(engine: Engine, family_or_model: str, dataset: str | None = None) -> pd.DataFrame:
+    """The layer_profile view for every seed of a family (or one model), on one dataset or all."""
+    on_dataset = "AND dataset = :dataset" if dataset is not None else ""
+    return _frame(engine, f"""
+        SELECT * FROM layer_profile WHERE (family = :name OR model = :name) {on_dataset}
+        ORDER BY dataset, seed, layer""", name=family_or_model, dataset=dataset)
 
 
 def families_with_layer_profile(engine: Engine) -> list[str]:
