@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, first_line
 
 app = typer.Typer(help="Neuron Atlas: an atlas of the MLP neurons of causal language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -472,9 +472,7 @@ def _database_error_line(error: BaseException) -> str:
 
     from atlas.store.db import SQLITE_BUSY_TIMEOUT_S
 
-    driver = getattr(error, "orig", None) or error
-    lines = str(driver).strip().splitlines()
-    reason = lines[0] if lines else type(driver).__name__
+    reason = first_line(getattr(error, "orig", None) or error)
     where = "the database"
     if _store_url is not None:
         where += f" at {make_url(_store_url).render_as_string(hide_password=True)}"

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from atlas.adapters import Adapter, adapter_for
 from atlas.data.tokens import tokenizer_hash
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, first_line
 
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -101,7 +101,7 @@ def _load_config(source: str, options: dict[str, Any]) -> PretrainedConfig:
         return AutoConfig.from_pretrained(source, **options)
     except (OSError, ValueError) as error:
         where = "directory" if not options else "hub id"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise AtlasError(f"could not read the model config of {where} {source!r} ({reason}): check the id or "
                          "revision, or pass a local directory made by save_pretrained") from error
 

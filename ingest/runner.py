@@ -31,7 +31,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session
 
 from atlas import __version__
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, first_line
 from atlas.store import Store, bulk_insert
 from atlas.store.schema import Job
 
@@ -259,7 +259,7 @@ class Heartbeat:
 
 
 def _fail(store: Store, job_ids: list[int], error: BaseException) -> None:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    message = first_line(error)
     try:
         with store.transaction() as session:
             session.execute(

@@ -9,7 +9,6 @@ results stay memory-bounded; legitimate queries succeed.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

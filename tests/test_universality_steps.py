@@ -3,7 +3,6 @@ job pairs seeds at the same step only, and the universality_by_step view summari
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -11,7 +10,6 @@ from sqlalchemy import select, text
 from typer.testing import CliRunner
 
 from atlas.cli import app
-from atlas.data.docstrings import collect_docstrings
 from atlas.errors import AtlasError
 from atlas.registry import register_dataset, register_model, step_of_revision
 from atlas.store.schema import Model
@@ -21,24 +19,11 @@ from ingest.train_seeds import TrainSeedsConfig, checkpoint_steps, heldout_path
 from ingest.train_seeds import run as train_seeds
 from ingest.weights import WeightsConfig
 from ingest.weights import run as run_weights
-from tests.test_demo import MINI_TRAIN
+from tests.test_demo import MINI_TRAIN, private_cache, text_file  # noqa: F401 (fixtures)
 from tests.test_readme import readme_queries
 
 STEPS = 12
 CHECKPOINTS = (4, 8)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("steps-text") / "docstrings.jsonl"
-    documents = collect_docstrings(max_bytes=150_000, use_cache=False).documents
-    path.write_text("".join(json.dumps({"text": document}) + "\n" for document in documents))
-    return path
 
 
 def test_checkpoint_fractions_become_steps():

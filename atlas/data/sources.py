@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from atlas.data.docstrings import collect_docstrings, corpus_key
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, first_line
 
 DOCSTRINGS_SOURCE = "builtin:docstrings"
 DEFAULT_DOCSTRINGS_MAX_BYTES = 16_000_000   # about 5M tokens: plenty for a demo, 15 s to collect
@@ -218,7 +218,7 @@ def _hub_documents(dataset_id: str, split: str, text_field: str) -> Iterator[str
         stream = iter(datasets.load_dataset(name, config or None, split=split, streaming=True))
         first = next(stream, None)
     except Exception as error:  # datasets raises many types (ConnectionError, FileNotFound, HTTP, ValueError)
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise AtlasError(
             f"cannot load dataset {name!r} (split {split!r}) from the Hugging Face hub: {reason}; "
             "check the id, split and network, or pass a local .txt/.jsonl/.parquet file or folder (works offline)"

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import JSON, Engine
 
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, first_line
 from atlas.store.read_only import atlas_relations, read_only_rows
 from atlas.store.sql_check import check_query
 
@@ -270,7 +270,7 @@ def _record_batch(schema: Any, batch: Batch, first_row: int) -> Any:
                 array = array.cast(field.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as error:
                 raise AtlasError(f"column {field.name!r} holds {array.type} in the rows from {first_row + 1:,} where "
-                                 f"the first rows held {field.type} ({str(error).splitlines()[0]}): CAST it in the "
+                                 f"the first rows held {field.type} ({first_line(error)}): CAST it in the "
                                  "query so that every row has one type") from None
         arrays.append(array)
     return pa.RecordBatch.from_arrays(arrays, schema=schema)

@@ -17,7 +17,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, first_line
 
 DEFAULT_URL = "sqlite:///atlas.db"
 MIGRATIONS_DIR = Path(migrations.__file__).parent
@@ -93,7 +93,7 @@ class Store:
             with self.engine.connect() as conn:
                 return MigrationContext.configure(conn).get_current_revision()
         except OperationalError as exc:
-            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            reason = first_line(exc.orig or exc)
             raise AtlasError(f"cannot connect to the database {self.display_url}: {reason}") from None
 
     def require_head(self) -> None:

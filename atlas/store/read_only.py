@@ -31,7 +31,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, first_line
 
 READER_ROLE = "atlas_reader"
 READER_URL_ENV = "ATLAS_READER_URL"
@@ -216,7 +216,7 @@ def _check_reader_role(engine: Engine) -> None:
                 "        AND has_function_privilege(p.oid, 'EXECUTE')) AS functions "
                 "FROM pg_roles r WHERE r.rolname = current_user"), {"names": list(DENIED_FUNCTIONS)}).mappings().one()
     except DBAPIError as error:
-        raise AtlasError(f"the SQL console cannot connect as its read-only role: {_one_line(error.orig or error)}; "
+        raise AtlasError(f"the SQL console cannot connect as its read-only role: {first_line(error.orig or error)}; "
                          f"run `atlas db create-reader --db ADMIN_URL` (or set {READER_URL_ENV})") from None
     problems = [label for label, key in (
         ("is a superuser", "rolsuper"), ("can create roles", "rolcreaterole"), ("can create databases", "rolcreatedb"),
@@ -317,11 +317,6 @@ def execute_read_only(engine: Engine, statement: str, row_limit: int, timeout_s:
     return ConsoleResult(frame, len(rows) > row_limit, time.perf_counter() - started, statement)
 
 
-def _one_line(error: BaseException) -> str:
-    message = str(error).strip()
-    return message.splitlines()[0] if message else type(error).__name__
-
-
 def _no_rows(_: int) -> list[tuple]:
     return []
 
@@ -337,7 +332,7 @@ def _sqlite_rows(connection: sqlite3.Connection, statement: str, timeout_s: floa
         columns = [column[0] for column in cursor.description or []]
         yield columns, (cursor.fetchmany if columns else _no_rows)
     except (sqlite3.Error, sqlite3.Warning) as error:
-        message = _one_line(error)
+        message = first_line(error)
         if "interrupted" in message:
             message = f"stopped after the {timeout_s:g} s time limit"
         elif "not authorized" in message:
@@ -371,7 +366,7 @@ def _postgresql_rows(connection: Any, statement: str, timeout_s: float,
             columns = [column.name for column in cursor.description or []]
             yield columns, (cursor.fetchmany if columns else _no_rows)
     except psycopg.Error as error:
-        message = _one_line(error)
+        message = first_line(error)
         if isinstance(error, psycopg.errors.QueryCanceled):
             message = f"stopped after the {timeout_s:g} s time limit ({message})"
         raise AtlasError(f"query failed: {message}") from None
