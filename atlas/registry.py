@@ -258,18 +258,13 @@ def register_dataset(
 
 
 def _require_one_context(documents: Iterable[str], source: str, ctx_len: int) -> None:
-    """Refuse a source that cannot fill one context, reading only as far as needed.
+    """Refuse a source that cannot fill one context, reading only as far as needed: below ctx_len, its
+    token upper bound means fewer tokens than one context. The real count is checked when a job tokenizes."""
+    from atlas.data import token_upper_bound
 
-    UTF-8 bytes plus one BOS per document bound the tokens from above (a byte-level BPE token holds
-    at least one byte; characters would not bound it for non-ASCII text), so a source below ctx_len
-    surely tokenizes to fewer tokens than one context. The real count is checked when a job tokenizes.
-    """
-    bound = n_documents = 0
-    for text in documents:
-        n_documents += 1
-        bound += len(text.encode("utf-8", "surrogatepass")) + 1
-        if bound >= ctx_len:
-            return
+    bound, n_documents = token_upper_bound(documents, enough=ctx_len)
+    if bound >= ctx_len:
+        return
     raise AtlasError(f"source {source} holds at most {bound} tokens ({n_documents} document(s): UTF-8 bytes and "
                      f"one BOS each), fewer than one context of --ctx {ctx_len}: add text or lower --ctx")
 

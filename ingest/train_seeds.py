@@ -215,10 +215,12 @@ def read_texts(dataset: Dataset, max_bytes: int) -> list[str]:
 
 
 def _require_bytes_for_a_batch(config: TrainSeedsConfig, dataset: Dataset, texts: list[str]) -> None:
-    """Before the tokenizer is trained: UTF-8 bytes plus a separator per document bound the tokens from
-    above (byte-level BPE), so fewer than one batch of rows means the text surely cannot fill one."""
+    """Before the tokenizer is trained: below one batch, the texts' token upper bound means they surely
+    cannot fill one."""
+    from atlas.data import token_upper_bound
+
     needed = config.train.batch_size * config.train.ctx
-    bound = sum(len(text.encode("utf-8", "surrogatepass")) + 1 for text in texts)
+    bound, _ = token_upper_bound(texts, enough=needed)
     if bound < needed:
         raise AtlasError(f"dataset {dataset.name!r} gives at most {bound:,} tokens within --text-bytes "
                          f"{config.text_bytes:,}, fewer than one batch of --batch-size {config.train.batch_size} x "

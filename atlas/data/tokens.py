@@ -55,6 +55,19 @@ class Batch:
     doc_indices: torch.Tensor      # long [b], documents of the source (source order)
 
 
+def token_upper_bound(texts: Iterable[str], enough: int | None = None) -> tuple[int, int]:
+    """(bound, documents read): UTF-8 bytes plus one BOS per document, an upper bound on the tokens any
+    byte-level BPE gives (a token holds at least one byte; characters would not bound it for non-ASCII
+    text). Reading stops once the bound reaches `enough`."""
+    bound = n_documents = 0
+    for text in texts:
+        n_documents += 1
+        bound += len(text.encode("utf-8", "surrogatepass")) + 1
+        if enough is not None and bound >= enough:
+            break
+    return bound, n_documents
+
+
 def tokenizer_hash(tokenizer: Any) -> str:
     """Identifies what a tokenizer does to text: its full fast-tokenizer state and special ids.
 
