@@ -39,12 +39,13 @@ def check_query(sql: str, dialect: str) -> str:
     statement = sql.strip().rstrip(";").strip()
     if not statement:
         raise SqlRefused("refused: the query is empty; write one SELECT statement")
-    parsed = _parse(statement, _DIALECTS.get(dialect, dialect))
+    read = _DIALECTS.get(dialect, dialect)
+    parsed = _parse(statement, read)
     if parsed is None:
         return statement  # the parser cannot read it: the database decides (and explains)
     if len(parsed) > 1:
         raise SqlRefused("refused: several statements in one go; run one statement at a time")
-    _refuse_writes(parsed[0], statement, _DIALECTS.get(dialect, dialect))
+    _refuse_writes(parsed[0], statement, read)
     return statement
 
 
