@@ -33,7 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Session
 from atlas import __version__
 from atlas.errors import AtlasError, first_line
 from atlas.store import Store, bulk_insert
-from atlas.store.schema import Job
+from atlas.store.schema import Dataset, Job, Model
 
 T = TypeVar("T")
 console = Console(stderr=True)
@@ -167,6 +167,32 @@ def _running_rows(session: Session, key: JobKey) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.status == "running", claims)))
 
 
+def _revision(resolved: str | None, requested: str | None) -> str | None:
+    return resolved or requested
+
+
+def provenance(session: Session, key: JobKey) -> dict[str, Any]:
+    """What produced a job's rows, copied onto its ledger row: the model's source and resolved revision,
+    the dataset's, the tokenizer, and the versions of torch and transformers in this process."""
+    import torch
+    import transformers
+
+    model = session.get(Model, key.model_id) if key.model_id is not None else None
+    other = session.get(Model, key.other_model_id) if key.other_model_id is not None else None
+    dataset = session.get(Dataset, key.dataset_id) if key.dataset_id is not None else None
+    return {
+        "model_source": model.source if model else None,
+        "model_revision": _revision(model.resolved_revision, model.revision) if model else None,
+        "other_model_revision": _revision(other.resolved_revision, other.revision) if other else None,
+        "dataset_source": dataset.source if dataset else None,
+        "dataset_revision": (_revision(dataset.resolved_revision, dataset.revision) or f"sha256:{dataset.content_hash}"
+                             if dataset else None),
+        "tokenizer_hash": model.tokenizer_hash if model else None,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+
+
 def _try_claim(store: Store, key: JobKey, config: dict[str, Any], hash_: str, overwrite: bool) -> _Claim:
     """One transaction: abandon dead claims, insert ours (the unique index refuses a concurrent one)."""
     claim = _Claim()
@@ -182,6 +208,7 @@ def _try_claim(store: Store, key: JobKey, config: dict[str, Any], hash_: str, ov
             kind=key.kind, model_id=key.model_id, dataset_id=key.dataset_id, other_model_id=key.other_model_id,
             shard=key.shard, config=config, config_hash=hash_, status="running", atlas_version=__version__,
             claim_key=key.claim_key, pid=os.getpid(), host=socket.gethostname(), heartbeat_at=_now(),
+            **provenance(session, key),
         )
         session.add(job)
         session.flush()

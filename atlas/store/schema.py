@@ -65,6 +65,9 @@ class Model(Base):
     # sha256 over the parameters' bytes: refuses a second copy of a seed, keys checkpoints on content.
     # NULL only for models registered before revision 0002.
     weights_hash: Mapped[Optional[str]] = mapped_column(String(64), index=True)
+    # What `revision` resolved to when the model was registered: the hub commit SHA, or for a local
+    # directory "sha256:" + a hash of its files' contents. NULL for models registered before 0004.
+    resolved_revision: Mapped[Optional[str]] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
 
     # One model per (family, seed, step), a NULL step counting as one value (an expression index:
@@ -84,6 +87,9 @@ class Dataset(Base):
     ctx_len: Mapped[int]
     sample_seed: Mapped[int] = mapped_column(default=0)
     content_hash: Mapped[str] = mapped_column(String(64))
+    revision: Mapped[Optional[str]] = mapped_column(String(200))  # hub dataset revision asked for
+    # The hub dataset's commit SHA, or "sha256:" + the local files' content hash; NULL before 0004.
+    resolved_revision: Mapped[Optional[str]] = mapped_column(String(100))
     n_documents: Mapped[Optional[int]]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
 
@@ -121,6 +127,16 @@ class Job(Base):
     error: Mapped[Optional[str]] = mapped_column(Text)
     atlas_version: Mapped[str] = mapped_column(String(50))
     n_rows: Mapped[Optional[int]]
+    # Provenance, copied from the registry and the running process when the job is claimed, so a row
+    # says what produced it even after the model's files change. NULL for jobs before revision 0004.
+    model_source: Mapped[Optional[str]] = mapped_column(Text)
+    model_revision: Mapped[Optional[str]] = mapped_column(String(100))
+    other_model_revision: Mapped[Optional[str]] = mapped_column(String(100))
+    dataset_source: Mapped[Optional[str]] = mapped_column(Text)
+    dataset_revision: Mapped[Optional[str]] = mapped_column(String(100))
+    tokenizer_hash: Mapped[Optional[str]] = mapped_column(String(64))
+    torch_version: Mapped[Optional[str]] = mapped_column(String(50))
+    transformers_version: Mapped[Optional[str]] = mapped_column(String(50))
     # The claim: at most one `running` row per claim_key (a partial unique index), held by pid on host,
     # alive while heartbeat_at moves. A claim whose heartbeat stopped is marked `abandoned`.
     claim_key: Mapped[Optional[str]] = mapped_column(String(400))
