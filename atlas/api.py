@@ -64,6 +64,11 @@ class Atlas:
     def datasets(self) -> pd.DataFrame:
         return queries.datasets(self.engine)
 
+    def jobs(self, status: str | None = None, kind: str | None = None, limit: int = 500) -> pd.DataFrame:
+        """The jobs ledger, newest first, with each job's provenance: model and dataset source and resolved
+        revision, tokenizer hash, atlas / torch / transformers versions. Result rows name their job_id."""
+        return queries.jobs(self.engine, limit=limit, status=status, kind=kind)
+
     # --- neurons, correlations, layers -----------------------------------------------------------
 
     def neurons(self, family: str | None = None, model: str | None = None, universal: bool | None = None,

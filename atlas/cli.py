@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 import subprocess
 import sys
-import typing
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Generic, Optional, TypeVar
 
 import typer
+import tyro
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -44,6 +46,68 @@ def open_store(db: str | None, **kwargs):
     global _store_url
     _store_url = resolve_url(db)
     return Store(_store_url, **kwargs)
+
+
+# --- options of every command: verbosity and --version -------------------------------------------
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each message: under a live progress bar rich has swapped it for a
+    proxy that prints above the bar (and a test runner may have swapped it too)."""
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
+
+
+def configure_logging(level: int) -> None:
+    """One handler on stderr for the atlas and ingest loggers' progress; other libraries warn as usual."""
+    root = logging.getLogger()
+    if not any(isinstance(handler, StderrHandler) for handler in root.handlers):  # once per process
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    for name in ("atlas", "ingest"):
+        logging.getLogger(name).setLevel(level)
+    if level > logging.INFO:  # -q hides the Hugging Face libraries' download and loading bars too
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def _versions() -> str:
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    from atlas import __version__
+
+    return f"atlas {__version__} (torch {of('torch')}, transformers {of('transformers')})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(_versions(), highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def atlas_options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print debug messages (claims, timings) on "
+                                                                "stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print results only: no progress messages or bars "
+                                                            "(warnings and errors still go to stderr)."),
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print the versions of atlas, torch and transformers, and exit."),
+) -> None:
+    """Results go to stdout; progress messages and bars to stderr."""
+    if verbose and quiet:
+        raise AtlasError("-v/--verbose and -q/--quiet contradict each other: pass one of them")
+    configure_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 # --- db ------------------------------------------------------------------------------------------
@@ -111,7 +175,8 @@ def model_add(
                                             "Pythia names them). Seeds at the same step are correlated together."),
     db: Optional[str] = DbOption,
 ) -> None:
-    """Register a model: reads its config and weights once to record its shape and tokenizer."""
+    """Register a model: reads its config and tokenizer and hashes its weight files tensor by tensor
+    (the model itself is never loaded)."""
     from atlas.registry import register_model
 
     model, created = register_model(open_store(db), source, family=family, seed=seed, name=name, revision=revision,
@@ -168,15 +233,20 @@ def dataset_add(
     tokens: int = typer.Option(200_000, "--tokens", help="Tokens to sample (BOS included)."),
     ctx: int = typer.Option(128, "--ctx", help="Context length: documents are cut to it (counted)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the document shuffle."),
+    revision: Optional[str] = typer.Option(None, "--revision", show_default=False,
+                                           help="Revision (branch, tag or commit) of a Hugging Face dataset; the "
+                                                "commit it resolves to is recorded with every job's results."),
     db: Optional[str] = DbOption,
 ) -> None:
     """Register a text source and how it is sampled (reads its first document to check it)."""
     from atlas.registry import register_dataset
 
-    dataset, created = register_dataset(open_store(db), name, source, split, text_field, tokens, ctx, seed)
+    dataset, created = register_dataset(open_store(db), name, source, split, text_field, tokens, ctx, seed,
+                                        revision=revision)
     verb = "registered" if created else "already registered"
+    resolved = f", revision {dataset.resolved_revision[:19]}" if dataset.resolved_revision else ""
     out.print(f"{verb} dataset {dataset.name}: {dataset.source} ({dataset.n_tokens:,} tokens, ctx {dataset.ctx_len}, "
-              f"seed {dataset.sample_seed})")
+              f"seed {dataset.sample_seed}{resolved})")
 
 
 @dataset_app.command("list")
@@ -200,40 +270,36 @@ def _token_counts(dataset: Any, tokenized: list[Any]) -> str:
     return "; ".join([f"{dataset.n_tokens:,} requested", *real])
 
 
-# --- ingest jobs: commands generated from each job's config dataclass ----------------------------
+# --- ingest jobs: tyro parses each job's config dataclass ---------------------------------------
+
+C = TypeVar("C")
 
 
-def _option_name(field_name: str, default: Any) -> str:
-    flag = "--" + field_name.replace("_", "-")
-    if default is True:  # a default-on switch needs its off form
-        return f"{flag}/--no-{field_name.replace('_', '-')}"
-    return flag
+@dataclasses.dataclass
+class JobArguments(Generic[C]):
+    """A job's config fields as options (help from their docstrings), and --db."""
+
+    config: Annotated[C, tyro.conf.OmitArgPrefixes, tyro.conf.arg(name="")]
+    db: Annotated[Optional[str], tyro.conf.arg(help=DB_HELP, metavar="URL", help_behavior_hint="")] = None
 
 
-def command_from_config(config_cls: type, run: Callable[[Any, Any], None]) -> Callable[..., None]:
-    """A typer command whose options are the dataclass fields (help from field metadata) plus --db."""
-    hints = typing.get_type_hints(config_cls)
-    params = []
-    for f in dataclasses.fields(config_cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        opt = typer.Option(default, _option_name(f.name, default), help=f.metadata.get("help", ""))
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=hints[f.name]))
-    params.append(inspect.Parameter("db", inspect.Parameter.KEYWORD_ONLY, default=DbOption, annotation=Optional[str]))
+def add_job_command(name: str, config_cls: type, run: Callable[[Any, Any], None]) -> None:
+    """`atlas ingest NAME`: typer passes the raw arguments (--help included) on to tyro."""
+    description = inspect.cleandoc(config_cls.__doc__ or "")
 
-    def command(**kwargs: Any) -> None:
-        db = kwargs.pop("db")
-        run(config_cls(**kwargs), open_store(db))
-
-    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__doc__ = config_cls.__doc__
-    return command
+    @ingest_app.command(name, help=" ".join(description.split()), add_help_option=False,
+                        context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def command(ctx: typer.Context) -> None:
+        arguments = tyro.cli(JobArguments[config_cls], args=ctx.args, prog=f"atlas ingest {name}",
+                             description=description)
+        run(arguments.config, open_store(arguments.db))
 
 
 def _register_jobs() -> None:
     from ingest import JOBS
 
     for name, (config_cls, run) in JOBS.items():
-        ingest_app.command(name, help=config_cls.__doc__)(command_from_config(config_cls, run))
+        add_job_command(name, config_cls, run)
 
 
 _register_jobs()

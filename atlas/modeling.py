@@ -2,19 +2,18 @@
 
 Loading goes through transformers' Auto*.from_pretrained (the hub code path, which reads a local
 directory offline). The config is read first, so an unsupported architecture fails before any
-weights are read.
+weights are read. Registration (inspect_model) never materializes the weights: shapes come from a
+model built on the meta device, and the weights are hashed from the checkpoint files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
-from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
@@ -22,8 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from atlas.adapters import Adapter, adapter_for
 from atlas.data.tokens import tokenizer_hash
 from atlas.errors import AtlasError, first_line
-
-HUB_PROBE_TIMEOUT_S = 3.0
+from atlas.provenance import (HubUnreachable, commit_of_cached_file, hub_commit, local_weight_files,
+                              locate_weight_files)
 
 
 @dataclass
@@ -80,20 +79,37 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _source_options(source: str, revision: str | None) -> dict[str, Any]:
-    """from_pretrained keyword arguments; AtlasError at once when neither a folder nor the hub can serve."""
+    """from_pretrained keyword arguments; AtlasError at once when neither a folder nor the hub can serve.
+
+    Online, the revision is pinned to the commit it names, so config, tokenizer and weights come from
+    one commit. Offline (HF_HUB_OFFLINE) or when the hub does not answer, the local hub cache serves.
+    """
     if Path(source).expanduser().is_dir():
         return {}
     if _looks_like_path(source) or Path(source).expanduser().exists():
         raise AtlasError(f"model directory {source} does not exist: pass a folder made by save_pretrained "
                          "or a hub id such as EleutherAI/pythia-160m")
-    options: dict[str, Any] = {"revision": revision}
-    if _hub_offline() or not _hub_reachable():
+    try:
+        return {"revision": _hub_model_commit(source, revision)}
+    except HubUnreachable as unreachable:
         if not _in_hub_cache(source, revision):
             raise AtlasError(f"{source!r} is not a local directory and the Hugging Face hub could not be reached "
-                             "(offline, and not in the local hub cache): pass a local directory made by "
-                             "save_pretrained, which works offline")
-        options["local_files_only"] = True
-    return options
+                             f"({unreachable}), and it is not in the local hub cache: pass a local directory made "
+                             "by save_pretrained, which works offline") from None
+    return {"revision": revision, "local_files_only": True}
+
+
+def _hub_model_commit(repo_id: str, revision: str | None) -> str:
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return hub_commit(repo_id, revision)
+    except RevisionNotFoundError:
+        raise AtlasError(f"hub model {repo_id!r} has no revision {revision!r}: check --revision") from None
+    except RepositoryNotFoundError:
+        raise AtlasError(f"hub model {repo_id!r} was not found on the Hugging Face hub (or it is private or gated: "
+                         "log in with `hf auth login`): check the id, or pass a local directory made by "
+                         "save_pretrained") from None
 
 
 def _load_config(source: str, options: dict[str, Any]) -> PretrainedConfig:
@@ -106,23 +122,6 @@ def _load_config(source: str, options: dict[str, Any]) -> PretrainedConfig:
                          "revision, or pass a local directory made by save_pretrained") from error
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _hub_reachable() -> bool:
-    """A short TCP probe, so an offline machine fails in seconds instead of minutes of retries."""
-    from huggingface_hub import constants
-
-    endpoint = urlparse(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
-        return True
-    except OSError:
-        return False
-
-
 def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
@@ -130,44 +129,76 @@ def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
     return isinstance(found, str)
 
 
+# -- registration without the weights in memory --------------------------------------------------
+
+@dataclass
+class ModelFacts:
+    """What registration stores about a model, read without materializing its weights."""
+
+    summary: dict[str, Any]         # the fields of model_summary
+    weight_files: list[Path]        # to stream with atlas.provenance.scan_weights
+    directory: Path | None          # a local directory; None for a hub id
+    commit: str | None              # the hub commit SHA, when known; None for a local directory
+
+
+def inspect_model(source: str, revision: str | None = None) -> ModelFacts:
+    """Config, tokenizer and shapes of a model, and where its weight files are: no weights are loaded."""
+    options = _source_options(source, revision)
+    config = _load_config(source, options)
+    adapter = adapter_for(config)  # before anything else is read
+    tokenizer = AutoTokenizer.from_pretrained(source, **options)
+    with torch.device("meta"):  # parameters with shapes and no storage
+        skeleton = AutoModelForCausalLM.from_config(config)
+    files = _weight_files(source, options)
+    summary = _summary(adapter, skeleton, tokenizer)
+    if not options:
+        return ModelFacts(summary, files, Path(source).expanduser(), None)
+    commit = getattr(config, "_commit_hash", None) or commit_of_cached_file(files[0])
+    return ModelFacts(summary, files, None, commit)
+
+
+def loaded_weight_files(loaded: LoadedModel) -> list[Path]:
+    """The weight files `loaded` was read from: for a hub model the commit it was loaded at, not
+    wherever its revision points now."""
+    commit = getattr(loaded.config, "_commit_hash", None)
+    return _weight_files(loaded.source, _source_options(loaded.source, commit or loaded.revision))
+
+
+def _weight_files(source: str, options: dict[str, Any]) -> list[Path]:
+    if not options:
+        return local_weight_files(Path(source).expanduser())
+    return locate_weight_files(partial(_hub_file, source, options), f"hub model {source!r}")
+
+
+def _hub_file(repo_id: str, options: dict[str, Any], filename: str) -> Path | None:
+    """A file of the hub model in the local hub cache (downloaded when online), or None if it has none."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RemoteEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, **options))
+    except (EntryNotFoundError, RemoteEntryNotFoundError):  # not in the repo, or offline and not cached
+        return None
+    except Exception as error:  # network and disk errors: the message says which
+        raise AtlasError(f"could not download {filename} of {repo_id!r} from the Hugging Face hub "
+                         f"({first_line(error)}): check the network, or pass a local directory made by "
+                         "save_pretrained") from None
+
+
 def model_summary(loaded: LoadedModel) -> dict[str, Any]:
     """The facts stored in the models table. vocab_size is the tokenizer's (Pythia pads its embedding)."""
-    adapter, model = loaded.adapter, loaded.model
+    return _summary(loaded.adapter, loaded.model, loaded.tokenizer)
+
+
+def _summary(adapter: Adapter, model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
     return {
         "architecture": adapter.name,
         "n_layers": adapter.n_layers(model),
         "d_model": adapter.d_model(model),
         "d_mlp": adapter.d_mlp(model),
-        "vocab_size": len(loaded.tokenizer),
-        "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
+        "vocab_size": len(tokenizer),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
     }
-
-
-def _parameters_in_name_order(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return sorted(model.named_parameters(), key=lambda item: item[0])
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 over every parameter's name, dtype, shape and bytes, in name order: the weights' identity.
-
-    One parameter at a time (no copy of the model), so two registrations of the same weights, or a
-    checkpoint and changed files, are told apart by content rather than by path.
-    """
-    digest = hashlib.sha256()
-    for name, parameter in _parameters_in_name_order(model):
-        tensor = parameter.detach()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        flat = tensor.reshape(-1).contiguous().cpu()  # a copy only for a non-contiguous or device tensor
-        digest.update(memoryview(flat.view(torch.uint8).numpy()))
-    return digest.hexdigest()
-
-
-def first_nonfinite_parameter(model: torch.nn.Module) -> str | None:
-    """The first parameter (in name order) holding a NaN or an infinity, or None when all are finite."""
-    for name, parameter in _parameters_in_name_order(model):
-        if not bool(torch.isfinite(parameter.detach()).all()):
-            return name
-    return None
 
 
 class _EnoughLayers(Exception):

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from atlas.errors import AtlasError
@@ -31,7 +31,10 @@ def register_model(
     store: Store, source: str, *, family: str, seed: int, name: str | None = None, revision: str | None = None,
     step: int | None = None,
 ) -> tuple[Model, bool]:
-    """Register a model (loading its config and weights). Returns (model, created).
+    """Register a model (reading its config and tokenizer, and streaming its weight files). Returns (model, created).
+
+    The weights are never loaded as a model: shapes come from a meta-device model, and the weights
+    hash and non-finite check read the checkpoint files one tensor at a time.
 
     step: the training step of a checkpoint (default: read from a stepN revision); the seeds of a
     family at one step are compared with each other.
@@ -40,7 +43,8 @@ def register_model(
     family/seed, a taken (family, seed), non-finite weights, weights identical to a registered
     model's, and a tokenizer, architecture or shape that differs from the family's.
     """
-    from atlas.modeling import first_nonfinite_parameter, load_model, model_summary, quiet_loading, weights_hash
+    from atlas.modeling import inspect_model, quiet_loading
+    from atlas.provenance import local_revision, scan_weights
 
     if Path(source).exists():
         source = str(Path(source).resolve())
@@ -55,13 +59,14 @@ def register_model(
             return existing, False
         _require_free_seed(session, family, seed, step)
     with quiet_loading():
-        loaded = load_model(source, revision)
-    bad = first_nonfinite_parameter(loaded.model)
-    if bad is not None:
-        raise AtlasError(f"model {name!r} has non-finite weights (NaN or inf in {bad}): "
+        facts = inspect_model(source, revision)
+    scan = scan_weights(facts.weight_files)
+    if scan.first_nonfinite is not None:
+        raise AtlasError(f"model {name!r} has non-finite weights (NaN or inf in {scan.first_nonfinite}): "
                          "register a checkpoint whose weights are all finite")
+    resolved = facts.commit if facts.directory is None else local_revision(facts.directory, scan.weights_hash)
     model = Model(name=name, family=family, seed=seed, step=step, source=source, revision=revision,
-                  weights_hash=weights_hash(loaded.model), **model_summary(loaded))
+                  weights_hash=scan.weights_hash, resolved_revision=resolved, **facts.summary)
     with store.transaction() as session:  # the family is read again where the row is written
         _require_free_seed(session, family, seed, step)
         _require_family_fit(session, model)
@@ -151,21 +156,33 @@ def _tables_referencing_models() -> list[tuple[Any, Any]]:
     return found
 
 
-def verified_weights_hash(model: Model, loaded: Any) -> str:
-    """The hash of the weights a job loaded for `model` (computed: files can change after registration).
+def verified_weights_hash(store: Store, model: Model, loaded: Any) -> str:
+    """The hash of the weight files a job loaded for `model` (computed: files can change after registration).
 
-    Checkpoints key on it, so a rerun on changed files never resumes stale state; weights that differ
-    from the registered ones are refused, since results would be filed under the wrong model.
-    Rows registered before weights hashes (NULL) take the computed hash as is.
+    The same file-based hash as registration. Checkpoints key on it, so a rerun on changed files never
+    resumes stale state; weights that differ from the registered ones are refused, since results would
+    be filed under the wrong model. A row without a hash (registered before hashes, or cleared by
+    migration 0004 when the definition changed) is given the computed one.
     """
-    from atlas.modeling import weights_hash
+    from atlas.modeling import loaded_weight_files
+    from atlas.provenance import scan_weights
 
-    actual = weights_hash(loaded.model)
-    if model.weights_hash is not None and actual != model.weights_hash:
+    actual = scan_weights(loaded_weight_files(loaded)).weights_hash
+    registered = model.weights_hash or _fill_weights_hash(store, model, actual)
+    if actual != registered:
         raise AtlasError(f"the weights of model {model.name!r} ({model.source}) changed since it was registered "
-                         f"(sha256 {model.weights_hash[:12]}, now {actual[:12]}): restore them, or "
+                         f"(sha256 {registered[:12]}, now {actual[:12]}): restore them, or "
                          f"`atlas model remove {model.name}` and register the new weights")
     return actual
+
+
+def _fill_weights_hash(store: Store, model: Model, weights_hash: str) -> str:
+    """Store the hash on a row that has none; returns the row's hash (another job may have filled it first)."""
+    with store.transaction() as session:
+        session.execute(update(Model).where(Model.id == model.id, Model.weights_hash.is_(None))
+                        .values(weights_hash=weights_hash))
+        model.weights_hash = session.scalar(select(Model.weights_hash).where(Model.id == model.id)) or weights_hash
+    return model.weights_hash
 
 
 def list_models(session: Session, family: str | None = None) -> list[Model]:
@@ -207,13 +224,13 @@ def require_shared_tokenizer(models: list[Model]) -> None:
         raise AtlasError(f"the models have different tokenizers ({names}): a family must share one tokenizer")
 
 
-def dataset_content_hash(source: str, split: str, text_field: str) -> str:
+def dataset_content_hash(source: str, split: str, text_field: str, revision: str | None = None) -> str:
     """sha256 of the source's fingerprint: changes when the documents a source yields can change."""
     import hashlib
 
     from atlas.data import source_fingerprint
 
-    return hashlib.sha256(source_fingerprint(source, split, text_field).encode()).hexdigest()
+    return hashlib.sha256(source_fingerprint(source, split, text_field, revision=revision).encode()).hexdigest()
 
 
 def _normalized_source(source: str) -> str:
@@ -224,15 +241,20 @@ def _normalized_source(source: str) -> str:
 
 def register_dataset(
     store: Store, name: str, source: str, split: str = "train", text_field: str = "text",
-    n_tokens: int = 200_000, ctx_len: int = 128, sample_seed: int = 0,
+    n_tokens: int = 200_000, ctx_len: int = 128, sample_seed: int = 0, revision: str | None = None,
 ) -> tuple[Dataset, bool]:
     """Register a text source and how it is sampled. Returns (dataset, created).
+
+    revision: a hub dataset's revision (branch, tag or commit) to read; its commit SHA is stored as
+    resolved_revision when the hub answers. Local files and builtin sources resolve to "sha256:" +
+    their content hash.
 
     The source is checked by reading its first document (bad path, unknown builtin, missing text
     field, empty source: one-line AtlasError, nothing written). The same name with the same
     settings is a no-op; with other settings an error.
     """
     from atlas.data import iter_documents
+    from atlas.data.sources import resolved_dataset_revision
 
     if n_tokens < 1:
         raise AtlasError(f"--tokens must be at least 1, got {n_tokens}")
@@ -240,7 +262,7 @@ def register_dataset(
         raise AtlasError(f"--ctx must be at least 2 (BOS and one token), got {ctx_len}")
     source = _normalized_source(source)
     settings = dict(source=source, split=split, text_field=text_field, n_tokens=n_tokens, ctx_len=ctx_len,
-                    sample_seed=sample_seed)
+                    sample_seed=sample_seed, revision=revision)
     with store.session() as session:
         existing = session.scalars(select(Dataset).where(Dataset.name == name)).first()
     if existing is not None:
@@ -250,8 +272,11 @@ def register_dataset(
             raise AtlasError(f"dataset {name!r} is already registered with {', '.join(differing)}: "
                              "choose another name")
         return existing, False
-    _require_one_context(iter_documents(source, split, text_field), source, ctx_len)  # one line on a bad source
-    dataset = Dataset(name=name, content_hash=dataset_content_hash(source, split, text_field), **settings)
+    documents = iter_documents(source, split, text_field, revision=revision)
+    _require_one_context(documents, source, ctx_len)  # one line on a bad source
+    content_hash = dataset_content_hash(source, split, text_field, revision)
+    dataset = Dataset(name=name, content_hash=content_hash,
+                      resolved_revision=resolved_dataset_revision(source, revision, content_hash), **settings)
     with store.transaction() as session:
         session.add(dataset)
     return dataset, True

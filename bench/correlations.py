@@ -15,6 +15,7 @@ ordered pair, model forwards, accumulation, baselines and writes included. It pr
 whole job (dataset tokens / wall time), the pair-GEMM FLOP/s that implies, and the peak RSS.
 
     python bench/correlations.py --tokens 4096 --job --job-tokens 20000
+    python bench/correlations.py --device cuda   # the accumulator and the job on a GPU (--device auto)
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--flush-tokens", type=int, default=DEFAULT_FLUSH_TOKENS)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes of each; the best is kept")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps: where the "
+                                                         "batches, the accumulator and the job's models live")
     parser.add_argument("--job", action="store_true", help="also time the whole correlations job")
     parser.add_argument("--job-seeds", type=int, default=3, help="models in the family (ordered pairs: s * (s - 1))")
     parser.add_argument("--job-layers", type=int, default=4)
@@ -52,20 +55,29 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def make_batches(n_batches: int, batch: int, n_a: int, n_b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """GELU-like float32 activations with an offset, a few distinct batches cycled over."""
+def make_batches(n_batches: int, batch: int, n_a: int, n_b: int,
+                 device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """GELU-like float32 activations with an offset, a few distinct batches cycled over, on the device."""
     generator = torch.Generator().manual_seed(0)
 
     def activations(width: int) -> torch.Tensor:
         return torch.nn.functional.gelu(torch.randn(batch, width, generator=generator) - 0.5) + 0.01
 
-    return [(activations(n_a), activations(n_b)) for _ in range(n_batches)]
+    return [(activations(n_a).to(device), activations(n_b).to(device)) for _ in range(n_batches)]
 
 
-def time_pass(step, batches, n_steps: int) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work: a timer must not stop while kernels still run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_pass(step, batches, n_steps: int, device: torch.device) -> float:
+    synchronize(device)
     start = time.perf_counter()
     for index in range(n_steps):
         step(*batches[index % len(batches)])
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -73,10 +85,13 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from atlas.devices import resolve_device
+
+    device = resolve_device(args.device)
     layer_sizes = [int(size) for size in args.layer_sizes.split(",")]
     n_b, n_steps = sum(layer_sizes), max(1, args.tokens // args.batch)
     tokens = n_steps * args.batch
-    batches = make_batches(min(4, n_steps), args.batch, args.n_a, n_b)
+    batches = make_batches(min(4, n_steps), args.batch, args.n_a, n_b, device)
     rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def plain_matmul(xa: torch.Tensor, xb: torch.Tensor) -> None:
@@ -84,17 +99,19 @@ def main() -> None:
 
     def accumulated_pass() -> float:
         accumulator = CorrelationAccumulator(
-            args.n_a, layer_sizes, track_gram=not args.no_gram, flush_tokens=args.flush_tokens
+            args.n_a, layer_sizes, track_gram=not args.no_gram, flush_tokens=args.flush_tokens, device=device
         )
+        synchronize(device)
         start = time.perf_counter()
-        time_pass(accumulator.update, batches, n_steps)
+        time_pass(accumulator.update, batches, n_steps, device)
         accumulator.flush()  # the float64 add of the last partial product counts too
+        synchronize(device)
         return time.perf_counter() - start
 
     plain_matmul(*batches[0])  # warm-up (thread pool, allocator)
     plain_times, update_times = [], []
     for _ in range(args.repeats):  # interleaved so that load from other processes hits both
-        plain_times.append(time_pass(plain_matmul, batches, n_steps))
+        plain_times.append(time_pass(plain_matmul, batches, n_steps, device))
         update_times.append(accumulated_pass())
     plain, update = min(plain_times), min(update_times)
 
@@ -104,16 +121,22 @@ def main() -> None:
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"shapes: {tokens} tokens in batches of {args.batch}, n_a={args.n_a}, B layers={layer_sizes}, "
           f"gram={'off' if args.no_gram else 'on'}, flush every {args.flush_tokens} tokens, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, device {_device_name(device)}")
     print(f"plain torch.matmul : {plain:8.3f} s  {cross_flops / plain / 1e9:8.1f} GFLOP/s")
     print(f"accumulator.update : {update:8.3f} s  {cross_flops / update / 1e9:8.1f} GFLOP/s useful "
           f"({(cross_flops + gram_flops) / update / 1e9:.1f} incl. Gram)")
     print(f"ratio (useful FLOP/s, update / matmul): {plain / update:.3f}  (target >= 0.8)")
     print(f"tokens/s: update {tokens / update:,.0f}, matmul {tokens / plain:,.0f}")
     print(f"memory: accumulator holds {held / 2**20:,.1f} MiB; peak RSS {peak_kb / 1024:,.1f} MiB "
-          f"(before timing {rss_before_kb / 1024:,.1f} MiB)")
+          f"(before timing {rss_before_kb / 1024:,.1f} MiB)"
+          + (f"; peak device memory {torch.cuda.max_memory_allocated(device) / 2**20:,.1f} MiB"
+             if device.type == "cuda" else ""))
     if args.job:
         bench_job(args)
+
+
+def _device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def build_family(root: Path, args: argparse.Namespace) -> list[Path]:
@@ -151,7 +174,8 @@ def bench_job(args: argparse.Namespace) -> None:
             register_model(store, str(directory), family="bench", seed=seed)
         register_dataset(store, "docs", "builtin:docstrings", n_tokens=args.job_tokens, ctx_len=128)
         config = CorrelationsConfig(family="bench", dataset="docs", memory_budget=args.job_budget,
-                                    batch_size=args.job_batch_size, checkpoint_every=0, checkpoint_seconds=0)
+                                    batch_size=args.job_batch_size, checkpoint_every=0, checkpoint_seconds=0,
+                                    device=args.device)
         rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
         run(config, store)

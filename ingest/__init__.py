@@ -1,7 +1,7 @@
 """Batch ingest jobs: each module holds a typed config dataclass and `run(config, store)`.
 
-JOBS maps the `atlas ingest <name>` subcommand to (config class, run function); the CLI is generated
-from the config fields, so a job's options are declared once.
+JOBS maps the `atlas ingest <name>` subcommand to (config class, run function); the CLI parses the
+config's fields (tyro, help from their docstrings), so a job's options are declared once.
 """
 
 from __future__ import annotations

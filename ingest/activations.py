@@ -11,12 +11,13 @@ are left out of statistics and examples unless --no-exclude-special-tokens; the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
+from atlas.devices import resolve_device
 from atlas.data import TokenizedDataset
 from atlas.errors import AtlasError
 from atlas.metrics.moments import StreamingMoments
@@ -26,7 +27,7 @@ from atlas.store import Store
 from atlas.store.schema import ActivationStat, Dataset, Model, TopExample
 from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
-from ingest.options import DATASET, MODEL_OR_FAMILY, OVERWRITE, option
+from ingest.options import RUN_OPTION, DatasetName, FamilyName, ModelName, Overwrite
 from ingest.runner import JobKey, config_hash, replace_rows, run_units, science_config
 
 KIND = "activations"
@@ -36,32 +37,44 @@ KIND = "activations"
 class ActivationsConfig:
     """Activation moments (n, mean, var, skew, kurt, max, min, frac_active) and top-k examples of every neuron."""
 
-    model: str | None = MODEL_OR_FAMILY["model"]()
-    family: str | None = MODEL_OR_FAMILY["family"]()
-    dataset: str | None = DATASET()
-    tokens: int | None = option(None, "Use only the first rows of the dataset holding this many tokens (default: all).")
-    top_k: int = option(20, "Top activating examples to keep per neuron.")
-    context_before: int = option(24, "Context tokens stored before each top example's token.")
-    context_after: int = option(4, "Context tokens stored after each top example's token.")
-    exclude_special_tokens: bool = option(True, "Leave special tokens (BOS/EOS/pad) out of statistics and examples.")
-    batch_size: int = option(16, "Rows (documents) per batch.", run_option=True)
-    device: str = option("cpu", "Torch device to run the models on (cpu, cuda, cuda:1, mps).", run_option=True)
-    checkpoint_every: int = option(50, "Checkpoint the accumulators every this many batches (0: never by count).",
-                                   run_option=True)
-    checkpoint_seconds: float = option(60.0, "... and at least this often in seconds (0: never by time).",
-                                       run_option=True)
-    overwrite: bool = OVERWRITE()
+    model: ModelName = None
+    family: FamilyName = None
+    dataset: DatasetName = None
+    tokens: int | None = None
+    """Use only the first rows of the dataset holding this many tokens (default: all)."""
+    top_k: int = 20
+    """Top activating examples to keep per neuron."""
+    context_before: int = 24
+    """Context tokens stored before each top example's token."""
+    context_after: int = 4
+    """Context tokens stored after each top example's token."""
+    exclude_special_tokens: bool = True
+    """Leave special tokens (BOS/EOS/pad) out of statistics and examples."""
+    batch_size: Annotated[int, RUN_OPTION] = 16
+    """Rows (documents) per batch."""
+    device: Annotated[str, RUN_OPTION] = "auto"
+    """Torch device of the models and the accumulators: auto (cuda if available, else mps, else cpu),
+    cpu, cuda, cuda:N or mps."""
+    checkpoint_every: Annotated[int, RUN_OPTION] = 50
+    """Checkpoint the accumulators every this many batches (0: never by count)."""
+    checkpoint_seconds: Annotated[float, RUN_OPTION] = 60.0
+    """... and at least this often in seconds (0: never by time)."""
+    overwrite: Overwrite = False
 
 
 class ActivationStatsConsumer:
     """Per model: one StreamingMoments per layer and one StreamingTopK over all neurons."""
 
-    def __init__(self, shapes: Mapping[int, tuple[int, int]], top_k: int, before: int, after: int) -> None:
+    def __init__(self, shapes: Mapping[int, tuple[int, int]], top_k: int, before: int, after: int,
+                 device: str | torch.device = "cpu") -> None:
         self.shapes = dict(shapes)  # model id -> (n_layers, d_mlp)
         self.top_k, self.before, self.after = top_k, before, after
-        self.offsets = torch.arange(-before, after + 1)
-        self.moments = {m: [StreamingMoments(d_mlp) for _ in range(n_layers)] for m, (n_layers, d_mlp) in shapes.items()}
-        self.top = {m: StreamingTopK(n_layers * d_mlp, top_k, len(self.offsets)) for m, (n_layers, d_mlp) in shapes.items()}
+        self.device = torch.device(device)  # the state stays beside the activations; results cross once
+        self.offsets = torch.arange(-before, after + 1, device=self.device)
+        self.moments = {m: [StreamingMoments(d_mlp, self.device) for _ in range(n_layers)]
+                        for m, (n_layers, d_mlp) in shapes.items()}
+        self.top = {m: StreamingTopK(n_layers * d_mlp, top_k, len(self.offsets), self.device)
+                    for m, (n_layers, d_mlp) in shapes.items()}
 
     def consume(self, step: PassBatch) -> None:
         for model_id, (n_layers, d_mlp) in self.shapes.items():
@@ -72,11 +85,12 @@ class ActivationStatsConsumer:
 
     def _contexts(self, step: PassBatch, model_id: int, index: torch.Tensor) -> torch.Tensor:
         """The neuron's activation around each candidate [k', W, F]; NaN outside the candidate's row."""
-        full = step.all_positions[model_id].cpu()
+        full = step.all_positions[model_id].to(self.device)
         n_rows, length, n_features = full.shape
-        rows = step.stat_rows[index][:, None, :]                               # [k', 1, F]
-        positions = step.stat_positions[index][:, None, :] + self.offsets[None, :, None]  # [k', W, F]
-        valid = (positions >= 0) & (positions < step.batch.lengths[rows])
+        index = index.to(self.device)
+        rows = step.stat_rows.to(self.device)[index][:, None, :]               # [k', 1, F]
+        positions = step.stat_positions.to(self.device)[index][:, None, :] + self.offsets[None, :, None]  # [k', W, F]
+        valid = (positions >= 0) & (positions < step.batch.lengths.to(self.device)[rows])
         flat = rows * length + positions.clamp(0, length - 1)
         k, width = index.shape[0], len(self.offsets)
         gathered = full.reshape(n_rows * length, n_features).gather(0, flat.reshape(k * width, n_features))
@@ -96,8 +110,8 @@ class ActivationStatsConsumer:
 
         for model_id, layers in self.moments.items():
             for layer in range(len(layers)):
-                layers[layer] = StreamingMoments.from_state_dict(part(f"{model_id}/moments{layer}/"))
-            self.top[model_id] = StreamingTopK.from_state_dict(part(f"{model_id}/top/"), self.top_k)
+                layers[layer] = StreamingMoments.from_state_dict(part(f"{model_id}/moments{layer}/"), self.device)
+            self.top[model_id] = StreamingTopK.from_state_dict(part(f"{model_id}/top/"), self.top_k, self.device)
 
 
 @dataclass
@@ -121,39 +135,40 @@ def _check_options(config: ActivationsConfig) -> None:
 
 # -- computing ----------------------------------------------------------------------------------
 
-def compute(models: list[Model], dataset: Dataset, config: ActivationsConfig) -> tuple[dict[int, ModelResults], Checkpoint]:
+def compute(models: list[Model], dataset: Dataset, config: ActivationsConfig, store: Store) -> tuple[dict[int, ModelResults], Checkpoint]:
     """Run the pass for `models` and turn each model's accumulators into rows; also the pass's checkpoint,
     to delete once the rows are committed."""
     from atlas.modeling import load_model
 
     loaded = [PassModel(m.id, load_model(m.source, m.revision)) for m in models]
-    weights = {m.id: verified_weights_hash(m, pass_model.loaded) for m, pass_model in zip(models, loaded)}
+    weights = {m.id: verified_weights_hash(store, m, pass_model.loaded) for m, pass_model in zip(models, loaded)}
+    device = resolve_device(config.device)
     for model in loaded:
         check_context(model.loaded, dataset)
-        model.loaded.model.to(config.device)
+        model.loaded.model.to(device)
     tokenizer = loaded[0].loaded.tokenizer
     tokens = tokenize(dataset, tokenizer)
     n_rows = tokens.n_rows if config.tokens is None else tokens.rows_for_tokens(config.tokens)
     consumer = ActivationStatsConsumer({m.id: (m.n_layers, m.d_mlp) for m in models}, config.top_k,
-                                       config.context_before, config.context_after)
-    checkpoint = Checkpoint(_checkpoint_key(weights, dataset, tokens, n_rows, config),
+                                       config.context_before, config.context_after, device)
+    checkpoint = Checkpoint(_checkpoint_key(weights, dataset, tokens, n_rows, config, device),
                             config.checkpoint_every, config.checkpoint_seconds)
     run_family_pass(loaded, tokens, {"stats": consumer}, batch_size=config.batch_size, n_rows=n_rows,
                     stat_positions="non_special" if config.exclude_special_tokens else "all",
-                    checkpoint=checkpoint, device=config.device,
+                    checkpoint=checkpoint, device=device,
                     label=f"activations {dataset.name} x {len(models)} model(s)")
     token_strings = [tokenizer.decode([i]) for i in range(len(tokenizer))]
     return {m.id: _model_results(consumer, m, tokens, token_strings, config) for m in models}, checkpoint
 
 
 def _checkpoint_key(weights: Mapping[int, str], dataset: Dataset, tokens: TokenizedDataset, n_rows: int,
-                    config: ActivationsConfig) -> dict[str, Any]:
+                    config: ActivationsConfig, device: torch.device) -> dict[str, Any]:
     """What the saved accumulators depend on; weights maps model id -> weights hash (by content, not by path)."""
     return {
         "job": KIND, "config": config_hash(science_config(config)),
         "models": sorted(weights.items()),
         "dataset": (dataset.id, dataset.content_hash), "tokens": tokens.key, "n_rows": n_rows,
-        "batch_size": config.batch_size, "device": config.device,
+        "batch_size": config.batch_size, "device": str(device),
     }
 
 
@@ -219,7 +234,7 @@ def run(config: ActivationsConfig, store: Store) -> None:
     checkpoints: list[Checkpoint] = []
 
     def compute_pending(keys: list[JobKey]) -> dict[int, ModelResults]:
-        results, checkpoint = compute([by_id[key.model_id] for key in keys], dataset, config)
+        results, checkpoint = compute([by_id[key.model_id] for key in keys], dataset, config, store)
         checkpoints.append(checkpoint)
         return results
 

@@ -16,17 +16,18 @@ pass, not once per pair.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Mapping
 
 import numpy as np
-from rich.console import Console
-from sqlalchemy import text
+import torch
 from sqlalchemy.orm import Session
 
+from atlas.devices import resolve_device
 from atlas.data.cache import cache_dir, stable_hash
 from atlas.errors import AtlasError
 from atlas.metrics.correlation import (
@@ -41,33 +42,43 @@ from atlas.store import Store
 from atlas.store.schema import Dataset, Model, NeuronCorrelation
 from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
-from ingest.options import DATASET, OVERWRITE, option
+from ingest.options import RUN_OPTION, TARGET, DatasetName, Overwrite
+from ingest.progress import show_result
 from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_unit, run_units, science_config
 
 KIND = "correlations"
 SHARD_FORMAT = 1
-console = Console(soft_wrap=True, highlight=False)
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class CorrelationsConfig:
     """Cross-seed max correlations, partners and rotated baselines of every neuron (universal neurons)."""
 
-    family: str | None = option(None, "Run on every ordered pair of models of this family.", target=True)
-    dataset: str | None = DATASET()
-    tokens: int | None = option(None, "Use only the first rows of the dataset holding this many tokens (default: all).")
-    baseline_seed: int = option(0, "Seed of the random orthogonal rotation of each layer (the baseline).")
-    universal_threshold: float = option(0.5, "A neuron is universal when its excess correlation exceeds this.")
-    exclude_special_tokens: bool = option(True, "Leave special tokens (BOS/EOS/pad) out of the statistics.")
-    memory_budget: str = option("4GiB", "Memory for the accumulators of one pass (e.g. 512MiB, 4GiB, 80GB); "
-                                "pairs that do not fit are split into shards.", run_option=True)
-    batch_size: int = option(16, "Rows (documents) per batch.", run_option=True)
-    device: str = option("cpu", "Torch device to run the models on (cpu, cuda, cuda:1, mps).", run_option=True)
-    checkpoint_every: int = option(50, "Checkpoint the accumulators every this many batches (0: never by count).",
-                                   run_option=True)
-    checkpoint_seconds: float = option(300.0, "... and at least this often in seconds (0: never by time).",
-                                       run_option=True)
-    overwrite: bool = OVERWRITE()
+    family: Annotated[str | None, TARGET] = None
+    """Run on every ordered pair of models of this family."""
+    dataset: DatasetName = None
+    tokens: int | None = None
+    """Use only the first rows of the dataset holding this many tokens (default: all)."""
+    baseline_seed: int = 0
+    """Seed of the random orthogonal rotation of each layer (the baseline)."""
+    universal_threshold: float = 0.5
+    """A neuron is universal when its excess correlation exceeds this."""
+    exclude_special_tokens: bool = True
+    """Leave special tokens (BOS/EOS/pad) out of the statistics."""
+    memory_budget: Annotated[str, RUN_OPTION] = "4GiB"
+    """Memory for the accumulators of one pass (e.g. 512MiB, 4GiB, 80GB); pairs that do not fit are split into
+    shards."""
+    batch_size: Annotated[int, RUN_OPTION] = 16
+    """Rows (documents) per batch."""
+    device: Annotated[str, RUN_OPTION] = "auto"
+    """Torch device of the models and the accumulators: auto (cuda if available, else mps, else cpu),
+    cpu, cuda, cuda:N or mps."""
+    checkpoint_every: Annotated[int, RUN_OPTION] = 50
+    """Checkpoint the accumulators every this many batches (0: never by count)."""
+    checkpoint_seconds: Annotated[float, RUN_OPTION] = 300.0
+    """... and at least this often in seconds (0: never by time)."""
+    overwrite: Overwrite = False
 
 
 # -- options ------------------------------------------------------------------------------------
@@ -196,20 +207,21 @@ class CorrelationConsumer:
     """A family-pass consumer: one accumulator per block (no Gram matrices) and one covariance
     accumulator per B layer group (a CorrelationAccumulator with no A neurons), shared by the blocks."""
 
-    def __init__(self, blocks: list[Block]) -> None:
+    def __init__(self, blocks: list[Block], device: str | torch.device = "cpu") -> None:
         self.blocks = blocks
+        self.device = torch.device(device)  # every accumulator lives beside the activations
         self.pairs = [self._pair_accumulator(block) for block in blocks]
         self.grams: dict[tuple[int, int, int], CorrelationAccumulator] = {}
         for block in blocks:
             if block.gram_key not in self.grams:
                 self.grams[block.gram_key] = CorrelationAccumulator(
-                    0, block.b_layer_sizes, b_layers=range(block.b_start, block.b_stop), track_gram=True)
+                    0, block.b_layer_sizes, b_layers=range(block.b_start, block.b_stop), track_gram=True,
+                    device=self.device)
         self._gram_columns = {block.gram_key: block.b_columns for block in blocks}
 
-    @staticmethod
-    def _pair_accumulator(block: Block) -> CorrelationAccumulator:
+    def _pair_accumulator(self, block: Block) -> CorrelationAccumulator:
         return CorrelationAccumulator(block.a_stop - block.a_start, block.b_layer_sizes,
-                                      b_layers=range(block.b_start, block.b_stop), track_gram=False)
+                                      b_layers=range(block.b_start, block.b_stop), track_gram=False, device=self.device)
 
     def consume(self, step: PassBatch) -> None:
         for block, accumulator in zip(self.blocks, self.pairs):
@@ -231,8 +243,9 @@ class CorrelationConsumer:
         def part(prefix: str) -> dict[str, np.ndarray]:
             return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
-        self.pairs = [CorrelationAccumulator.from_state_dict(part(f"pair{i}/")) for i in range(len(self.pairs))]
-        self.grams = {key: CorrelationAccumulator.from_state_dict(part(f"gram{i}/"))
+        self.pairs = [CorrelationAccumulator.from_state_dict(part(f"pair{i}/"), self.device)
+                      for i in range(len(self.pairs))]
+        self.grams = {key: CorrelationAccumulator.from_state_dict(part(f"gram{i}/"), self.device)
                       for i, key in enumerate(self.grams)}
 
     def results(self, baseline_seed: int) -> dict[JobKey, dict[str, np.ndarray]]:
@@ -262,6 +275,7 @@ class RunContext:
     dataset: Dataset
     models: dict[int, Model]
     config_hash: str
+    store: Store  # where a job records a weights hash the registry lacks
 
 
 def shard_path(block: Block, context: RunContext) -> Path:
@@ -353,23 +367,24 @@ def compute_pass(blocks: list[Block], context: RunContext) -> tuple[dict[JobKey,
     config, dataset = context.config, context.dataset
     model_ids = sorted({block.a_id for block in blocks} | {block.b_id for block in blocks})
     loaded = [PassModel(i, load_model(context.models[i].source, context.models[i].revision)) for i in model_ids]
-    weights = [(m.model_id, verified_weights_hash(context.models[m.model_id], m.loaded)) for m in loaded]
+    weights = [(m.model_id, verified_weights_hash(context.store, context.models[m.model_id], m.loaded)) for m in loaded]
+    device = resolve_device(config.device)
     for model in loaded:
         check_context(model.loaded, dataset)
-        model.loaded.model.to(config.device)
+        model.loaded.model.to(device)
     tokens = tokenize(dataset, loaded[0].loaded.tokenizer)
     n_rows = tokens.n_rows if config.tokens is None else tokens.rows_for_tokens(config.tokens)
-    consumer = CorrelationConsumer(blocks)
+    consumer = CorrelationConsumer(blocks, device)
     checkpoint = Checkpoint({
         "job": KIND, "config": context.config_hash,
         "units": [(b.a_id, b.b_id, b.a_start, b.a_stop, b.b_start, b.b_stop) for b in blocks],
         "models": weights,  # by content: changed files never resume stale sums
         "dataset": (dataset.id, dataset.content_hash), "tokens": tokens.key, "n_rows": n_rows,
-        "batch_size": config.batch_size, "device": config.device,
+        "batch_size": config.batch_size, "device": str(device),
     }, config.checkpoint_every, config.checkpoint_seconds)
     run_family_pass(loaded, tokens, {"correlations": consumer}, batch_size=config.batch_size, n_rows=n_rows,
                     stat_positions="non_special" if config.exclude_special_tokens else "all",
-                    checkpoint=checkpoint, device=config.device,
+                    checkpoint=checkpoint, device=device,
                     label=f"correlations {dataset.name}: {len(blocks)} unit(s), {len(model_ids)} model(s)")
     return consumer.results(config.baseline_seed), checkpoint
 
@@ -414,7 +429,7 @@ def run(config: CorrelationsConfig, store: Store) -> None:
     _check_family(models, config.family)
     check_dataset(dataset, config.tokens)
     check_tokens(store, dataset, models)
-    context = RunContext(config, dataset, {m.id: m for m in models}, config_hash(science_config(config)))
+    context = RunContext(config, dataset, {m.id: m for m in models}, config_hash(science_config(config)), store)
     pairs = same_step_pairs(models)
     with store.session() as session:
         pending = [(a, b) for a, b in pairs
@@ -422,8 +437,8 @@ def run(config: CorrelationsConfig, store: Store) -> None:
         blocks = {(a.id, b.id): pair_blocks(a, b, dataset.id, budget) for a, b in pending}
         to_compute = [block for pair_blocks_ in blocks.values() for block in _blocks_to_compute(session, pair_blocks_, context)]
     if len(pending) < len(pairs):
-        console.print(f"[yellow]skipped[/] {len(pairs) - len(pending)} of {len(pairs)} ordered pairs: already done "
-                      "with this config (use --overwrite to recompute)")
+        log.info(f"skipped {len(pairs) - len(pending)} of {len(pairs)} ordered pairs: already done "
+                 "with this config (use --overwrite to recompute)")
     for units in pack_passes(to_compute, budget):
         checkpoints: list[Checkpoint] = []
 
@@ -448,29 +463,12 @@ def run(config: CorrelationsConfig, store: Store) -> None:
 
 # -- the universal fraction of each model ---------------------------------------------------------
 
-UNIVERSAL_FRACTIONS = text("""
-SELECT model, seed, COUNT(*) AS n_neurons,
-       SUM(CASE WHEN is_universal THEN 1 ELSE 0 END) AS n_universal,
-       MIN(n_other_seeds) AS min_other_seeds, MAX(n_other_seeds) AS max_other_seeds,
-       MAX(universal_threshold) AS threshold
-FROM universal_neurons
-WHERE family = :family AND dataset_id = :dataset_id
-GROUP BY model, seed
-ORDER BY seed
-""")
-
-
-def universal_fractions(session: Session, family: str, dataset_id: int) -> list[dict[str, Any]]:
-    """Per model of the family: neurons, universal neurons, other seeds compared and the threshold, from the view."""
-    rows = session.execute(UNIVERSAL_FRACTIONS, {"family": family, "dataset_id": dataset_id}).mappings()
-    return [dict(row) for row in rows]
-
-
 def print_universal_fractions(store: Store, family: str, dataset: Dataset) -> None:
-    with store.session() as session:
-        fractions = universal_fractions(session, family, dataset.id)
+    from atlas.read.queries import universal_fractions
+
+    fractions = universal_fractions(store.engine, family, dataset.name)
     for row in fractions:
         share = row["n_universal"] / row["n_neurons"] if row["n_neurons"] else 0.0
         seeds = row["max_other_seeds"]
-        console.print(f"universal {row['model']}: {row['n_universal']}/{row['n_neurons']} neurons ({100 * share:.2f}%) "
-                      f"with excess_corr > {row['threshold']:g} against {seeds} other seed(s) on {dataset.name}")
+        show_result(f"universal {row['model']}: {row['n_universal']}/{row['n_neurons']} neurons ({100 * share:.2f}%) "
+                    f"with excess_corr > {row['threshold']:g} against {seeds} other seed(s) on {dataset.name}")

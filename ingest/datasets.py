@@ -4,6 +4,7 @@ its source is unchanged, the model takes its context)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 from sqlalchemy.dialects import postgresql, sqlite
@@ -14,6 +15,8 @@ from atlas.registry import dataset_content_hash
 from atlas.store import Store
 from atlas.store.schema import Dataset, DatasetTokens, Model
 
+log = logging.getLogger(__name__)
+
 
 def tokenize(dataset: Dataset, tokenizer: Any, store: Store | None = None) -> TokenizedDataset:
     """The dataset's token rows for this tokenizer (cached on disk, shared by the jobs of a family).
@@ -22,15 +25,26 @@ def tokenize(dataset: Dataset, tokenizer: Any, store: Store | None = None) -> To
     is only what was asked for). A dataset short of one context is refused, after it is recorded, so
     that `atlas dataset list` shows why.
     """
-    documents = iter_documents(dataset.source, dataset.split, dataset.text_field)
+    documents = iter_documents(dataset.source, dataset.split, dataset.text_field, revision=dataset_revision(dataset))
     tokens = TokenizedDataset.build(
         documents, tokenizer, dataset.n_tokens, dataset.ctx_len, dataset.sample_seed,
-        dataset_key=source_fingerprint(dataset.source, dataset.split, dataset.text_field),
+        dataset_key=source_fingerprint(dataset.source, dataset.split, dataset.text_field,
+                                       revision=dataset_revision(dataset)),
     )
     if store is not None:
         record_tokens(store, dataset, tokens)
     require_one_context(dataset, tokens)
+    if tokens.source_exhausted:
+        log.warning("dataset %s ran out at %s of %s requested tokens: jobs use the tokens it holds",
+                    dataset.name, f"{tokens.n_tokens:,}", f"{dataset.n_tokens:,}")
     return tokens
+
+
+def dataset_revision(dataset: Dataset) -> str | None:
+    """The revision jobs read: a hub dataset's commit pinned at registration (so every job reads the
+    same documents), else the revision asked for (None for local and builtin sources)."""
+    resolved = dataset.resolved_revision
+    return resolved if resolved and not resolved.startswith("sha256:") else dataset.revision
 
 
 def check_tokens(store: Store, dataset: Dataset, models: Iterable[Model]) -> None:

@@ -8,19 +8,21 @@ summary read back from the database (SQL over the views), and the command that o
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import text
 
 from atlas.registry import register_dataset
 from atlas.store import Store
 from atlas.training import TrainConfig
 from ingest.train_seeds import DEFAULT_TEXT_BYTES, TrainSeedsConfig, heldout_path
 from ingest.train_seeds import run as train_seeds
+
+log = logging.getLogger(__name__)
 
 # Budget on 2 idle cores: ~15k tokens/s were measured for this shape (15-17.5k on such machines),
 # so 900 steps x 16 x 128 tokens take ~125 s per seed. The steps are fixed, never cut by a clock, so
@@ -103,7 +105,7 @@ def run(config: DemoConfig, store: Store, console: Console | None = None) -> dic
                                     text_bytes=config.text_bytes, out=config.out)
 
     def stage(name: str, action: Callable[[], Any]) -> None:
-        console.rule(f"[bold]{name}")
+        log.info(f"== {name} ==")  # progress: hidden by atlas -q, unlike the summary
         started = time.perf_counter()
         action()
         seconds[name] = time.perf_counter() - started
@@ -118,7 +120,7 @@ def run(config: DemoConfig, store: Store, console: Console | None = None) -> dic
         stage(name, lambda job_config=job_config, job_run=job_run: job_run(job_config, store))
     stage("null reference", lambda: null_reference(config, seeds_config, store))
     print_summary(store, config, console)
-    print_timings(seconds, console)
+    print_timings(seconds)
     return seconds
 
 
@@ -169,62 +171,13 @@ def analysis_jobs(config: DemoConfig) -> dict[str, tuple[Any, Callable[[Any, Sto
 
 # --- the summary: read back from the database -----------------------------------------------------
 
-MODELS_SQL = """
-SELECT m.name AS model, m.seed, r.steps, r.heldout_loss, r.unigram_entropy
-FROM models m LEFT JOIN training_runs r ON r.model_id = m.id
-WHERE m.family = :family ORDER BY m.seed"""
-
-UNIVERSAL_SQL = """
-SELECT model, COUNT(*) AS n_neurons,
-       SUM(CASE WHEN is_universal THEN 1 ELSE 0 END) AS n_universal,
-       MAX(universal_threshold) AS threshold,
-       SUM(CASE WHEN excess_corr > :low THEN 1 ELSE 0 END) AS n_above_low,
-       AVG(mean_max_corr) AS mean_max_corr, AVG(mean_baseline_corr) AS mean_baseline_corr
-FROM universal_neurons WHERE family = :family AND dataset = :dataset
-GROUP BY model"""
-
-ABOVE_LOW_BY_LAYER_SQL = """
-SELECT model, layer, COUNT(*) AS n FROM universal_neurons
-WHERE family = :family AND dataset = :dataset AND excess_corr > :low
-GROUP BY model, layer ORDER BY model, layer"""
-
-LAYERS_SQL = """
-SELECT model, MAX(delete_kl) AS max_delete_kl
-FROM layer_profile WHERE family = :family AND dataset = :dataset GROUP BY model"""
-
-WORST_DELETION_SQL = """
-SELECT model, layer FROM layer_profile
-WHERE family = :family AND dataset = :dataset AND delete_kl IS NOT NULL
-ORDER BY delete_kl DESC"""
-
-CLASSES_SQL = """
-SELECT m.name AS model, MAX(n.vocab_kurt) AS max_kurt,
-       SUM(CASE WHEN n.vocab_class = 'prediction' THEN 1 ELSE 0 END) AS n_prediction,
-       SUM(CASE WHEN n.vocab_class = 'suppression' THEN 1 ELSE 0 END) AS n_suppression,
-       SUM(CASE WHEN n.vocab_class = 'partition' THEN 1 ELSE 0 END) AS n_partition
-FROM neurons n JOIN models m ON m.id = n.model_id
-WHERE m.family = :family OR m.family = :null_family GROUP BY m.name, m.family ORDER BY m.family, m.name"""
-
-
-def query(store: Store, sql: str, **params: Any) -> list[dict[str, Any]]:
-    with store.engine.connect() as connection:
-        return [dict(row._mapping) for row in connection.execute(text(sql), params)]
-
-
 def summary_rows(store: Store, config: DemoConfig) -> list[dict[str, Any]]:
-    """One dict per model: training, universality, vocabulary classes and deletions, from SQL alone.
+    """One dict per model: training, universality, vocabulary classes and deletions, from the read model.
     The untrained null reference comes last (classes only)."""
-    params = {"family": config.family, "dataset": config.analysis_dataset, "low": config.report_threshold,
-              "null_family": config.null_family}
-    rows = {row["model"]: row for row in query(store, MODELS_SQL, **params)}
-    for sql in (UNIVERSAL_SQL, LAYERS_SQL, CLASSES_SQL):
-        for row in query(store, sql, **params):
-            rows.setdefault(row["model"], {}).update(row)
-    for row in query(store, WORST_DELETION_SQL, **params):
-        rows[row["model"]].setdefault("max_delete_layer", row["layer"])
-    for row in query(store, ABOVE_LOW_BY_LAYER_SQL, **params):
-        rows[row["model"]].setdefault("above_low_by_layer", {})[row["layer"]] = row["n"]
-    return list(rows.values())
+    from atlas.read.queries import family_summary
+
+    return family_summary(store.engine, config.family, config.analysis_dataset, config.report_threshold,
+                          config.null_family)
 
 
 def print_summary(store: Store, config: DemoConfig, console: Console) -> None:
@@ -257,9 +210,9 @@ def print_summary(store: Store, config: DemoConfig, console: Console) -> None:
     console.print(f"Open the app on it:  [bold]atlas app --db {store.display_url}[/]")
 
 
-def print_timings(seconds: dict[str, float], console: Console) -> None:
+def print_timings(seconds: dict[str, float]) -> None:
     parts = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
-    console.print(f"Time: {sum(seconds.values()):.0f} s ({parts})")
+    log.info(f"Time: {sum(seconds.values()):.0f} s ({parts})")
 
 
 def _number(value: Any, spec: str = ".3f") -> str:

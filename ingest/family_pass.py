@@ -9,6 +9,7 @@ resumes after the last checkpointed batch and, since every consumer's state is s
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -17,7 +18,6 @@ from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
-from rich.console import Console
 
 from atlas.data import Batch, TokenizedDataset
 from atlas.data.cache import cache_dir, stable_hash
@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # transformers is slow to import: the CLI imports this module
     from atlas.modeling import LoadedModel
 
 CHECKPOINT_FORMAT = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,8 +140,8 @@ def run_family_pass(
     n_tokens = int(dataset.lengths[:n_rows].sum())
     done_tokens = int(dataset.lengths[: min(first_batch * batch_size, n_rows)].sum())
     if first_batch:
-        Console(stderr=True).print(f"resuming {label} from its checkpoint: {done_tokens:,} of {n_tokens:,} tokens "
-                                   f"already done ({checkpoint.path})", highlight=False)
+        log.info(f"resuming {label} from its checkpoint: {done_tokens:,} of {n_tokens:,} tokens "
+                 f"already done ({checkpoint.path})")
     with progress_bar(RateColumn("tokens")) as bar:
         task = bar.add_task(label, total=n_tokens, completed=done_tokens)
         for offset, batch in enumerate(dataset.batches(batch_size, first_batch=first_batch, n_rows=n_rows)):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session
 
+from atlas.devices import resolve_device
 from atlas.metrics.layers import MeanAccumulator, next_token_metrics
 from atlas.store import Store
 from atlas.store.schema import Dataset, LayerIntervention, Model
@@ -97,10 +98,11 @@ def compute(model_row: Model, dataset: Dataset, config: InterventionsConfig) -> 
     from atlas.modeling import load_model
 
     loaded = load_model(model_row.source, model_row.revision)
-    loaded.model.to(config.device)
+    device = resolve_device(config.device)
+    loaded.model.to(device)
     token_rows, n_rows = open_tokens(dataset, loaded, config.tokens)
     batches = scored_batches(token_rows, n_rows, loaded, batch_size=config.batch_size,
-                             exclude_special_tokens=config.exclude_special_tokens, device=config.device,
+                             exclude_special_tokens=config.exclude_special_tokens, device=device,
                              label=f"interventions {model_row.name}")
     sums = measure(loaded, batches, model_row.n_layers)
     require_positions(sums.count(NONE, "loss"), dataset)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session
 
+from atlas.devices import resolve_device
 from atlas.metrics.layers import (PREVIOUS_TOKENS_WINDOW, MeanAccumulator, next_token_metrics,
                                   previous_token_attention, write_norms)
 from atlas.store import Store
@@ -91,10 +92,11 @@ def compute(model_row: Model, dataset: Dataset, config: LensConfig) -> LensResul
     from atlas.modeling import load_model
 
     loaded = load_model(model_row.source, model_row.revision, attn_implementation="eager")
-    loaded.model.to(config.device)
+    device = resolve_device(config.device)
+    loaded.model.to(device)
     token_rows, n_rows = open_tokens(dataset, loaded, config.tokens)
     batches = scored_batches(token_rows, n_rows, loaded, batch_size=config.batch_size,
-                             exclude_special_tokens=config.exclude_special_tokens, device=config.device,
+                             exclude_special_tokens=config.exclude_special_tokens, device=device,
                              label=f"lens {model_row.name}")
     sums = measure(loaded, batches)
     require_positions(sums.count(("lens", 0), "loss"), dataset)

@@ -11,7 +11,7 @@ same positions, and a batch is dropped from memory before the next one is read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator
 
 import torch
 
@@ -22,7 +22,7 @@ from atlas.registry import resolve_dataset, resolve_models
 from atlas.store import Store
 from atlas.store.schema import Dataset
 from ingest.datasets import check_dataset, check_tokens, tokenize
-from ingest.options import DATASET, MODEL_OR_FAMILY, OVERWRITE, option
+from ingest.options import RUN_OPTION, DatasetName, FamilyName, ModelName, Overwrite
 from ingest.progress import RateColumn, progress_bar
 from ingest.runner import JobKey, run_unit
 
@@ -34,14 +34,19 @@ if TYPE_CHECKING:  # transformers is slow to import: the CLI imports this module
 class NextTokenConfig:
     """The options of every next-token job (interventions, lens); each job subclasses it with its docstring."""
 
-    model: str | None = MODEL_OR_FAMILY["model"]()
-    family: str | None = MODEL_OR_FAMILY["family"]()
-    dataset: str | None = DATASET()
-    tokens: int | None = option(None, "Use only the first rows of the dataset holding this many tokens (default: all).")
-    exclude_special_tokens: bool = option(True, "Do not score predictions made from a special token (BOS) as input.")
-    batch_size: int = option(8, "Rows (documents) per batch.", run_option=True)
-    device: str = option("cpu", "Torch device to run the model on (cpu, cuda, cuda:1, mps).", run_option=True)
-    overwrite: bool = OVERWRITE()
+    model: ModelName = None
+    family: FamilyName = None
+    dataset: DatasetName = None
+    tokens: int | None = None
+    """Use only the first rows of the dataset holding this many tokens (default: all)."""
+    exclude_special_tokens: bool = True
+    """Do not score predictions made from a special token (BOS) as input."""
+    batch_size: Annotated[int, RUN_OPTION] = 8
+    """Rows (documents) per batch."""
+    device: Annotated[str, RUN_OPTION] = "auto"
+    """Torch device of the models and the accumulators: auto (cuda if available, else mps, else cpu),
+    cpu, cuda, cuda:N or mps."""
+    overwrite: Overwrite = False
 
 
 @dataclass

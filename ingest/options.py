@@ -1,28 +1,40 @@
-"""Job options are dataclass fields; their metadata drives the CLI and what the ledger records.
+"""Job options are the fields of a config dataclass, declared once: the CLI parses them (tyro), the
+ledger hashes them.
 
-metadata keys: help (the --help text), target (names what to run on: not part of the config hash),
-run_option (changes how, not what, is computed: not part of the config hash).
+A field's docstring is its --help text (the options every job shares carry theirs as a Doc in their
+type). Two markers in a field's type leave it out of the config hash:
+TARGET names what to run on; RUN_OPTION changes how, not what, is computed.
 """
 
 from __future__ import annotations
 
-from dataclasses import field
-from typing import Any
+import dataclasses
+import functools
+import typing
+from typing import Annotated
+
+from typing_extensions import Doc
 
 
-def option(default: Any, help: str, *, target: bool = False, run_option: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "target": target, "run_option": run_option})
+@dataclasses.dataclass(frozen=True)
+class HashMarker:
+    """Annotated[...] metadata: the field is not part of the config hash, for the reason named."""
+
+    reason: str
 
 
-MODEL_OR_FAMILY = {
-    "model": lambda: option(None, "Run on this registered model (name from `atlas model list`).", target=True),
-    "family": lambda: option(None, "Run on every registered model of this family.", target=True),
-}
+TARGET = HashMarker("target")
+RUN_OPTION = HashMarker("run_option")
+
+ModelName = Annotated[str | None, TARGET, Doc("Run on this registered model (name from `atlas model list`).")]
+FamilyName = Annotated[str | None, TARGET, Doc("Run on every registered model of this family.")]
+DatasetName = Annotated[str | None, TARGET, Doc("Registered dataset to run on (name from `atlas dataset list`).")]
+Overwrite = Annotated[bool, RUN_OPTION, Doc("Recompute and replace results that already exist for the same config.")]
 
 
-def DATASET() -> Any:  # noqa: N802 (reads like the constants above)
-    return option(None, "Registered dataset to run on (name from `atlas dataset list`).", target=True)
-
-
-def OVERWRITE() -> Any:  # noqa: N802
-    return option(False, "Recompute and replace results that already exist for the same config.", run_option=True)
+@functools.cache
+def hashed_fields(config_cls: type) -> tuple[str, ...]:
+    """The fields that change results: those marked neither TARGET nor RUN_OPTION."""
+    hints = typing.get_type_hints(config_cls, include_extras=True)
+    return tuple(f.name for f in dataclasses.fields(config_cls)
+                 if not any(isinstance(meta, HashMarker) for meta in getattr(hints[f.name], "__metadata__", ())))

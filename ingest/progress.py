@@ -1,11 +1,23 @@
-"""Progress bars for long jobs (rich, on stderr so stdout stays parseable)."""
+"""What a job shows: progress bars on stderr (shown while the `ingest` loggers show progress, so `atlas -q`
+hides them) and result lines on stdout, so stdout holds only what the job produced."""
 
 from __future__ import annotations
+
+import logging
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskProgressColumn,
                            TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
+
+log = logging.getLogger(__name__)
+# soft_wrap: a result stays one line however narrow the terminal; the file is sys.stdout when printing.
+_results = Console(soft_wrap=True, highlight=False)
+
+
+def show_result(message: str) -> None:
+    """One result line on stdout (rich markup allowed)."""
+    _results.print(message)
 
 
 def progress_bar(*extra_columns) -> Progress:
@@ -13,7 +25,7 @@ def progress_bar(*extra_columns) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
         *extra_columns, TimeElapsedColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True), transient=False,
+        console=Console(stderr=True), transient=False, disable=not log.isEnabledFor(logging.INFO),
     )
 
 

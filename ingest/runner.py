@@ -18,14 +18,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from rich.console import Console
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session
@@ -34,9 +35,11 @@ from atlas import __version__
 from atlas.errors import AtlasError, first_line
 from atlas.store import Store, bulk_insert
 from atlas.store.schema import Dataset, Job, Model
+from ingest.options import hashed_fields
+from ingest.progress import show_result
 
 T = TypeVar("T")
-console = Console(stderr=True)
+log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 30.0  # a running job refreshes heartbeat_at this often (ATLAS_HEARTBEAT_S overrides it)
 STALE_AFTER_BEATS = 3  # a claim whose heartbeat is older than this many intervals is abandoned
@@ -63,11 +66,7 @@ def stale_after() -> float:
 
 def science_config(config: Any) -> dict[str, Any]:
     """The options that change results: every dataclass field not marked as a target or a run option."""
-    return {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(config)
-        if not f.metadata.get("target") and not f.metadata.get("run_option")
-    }
+    return {name: getattr(config, name) for name in hashed_fields(type(config))}
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -237,18 +236,14 @@ def _claim(store: Store, key: JobKey, config: dict[str, Any], hash_: str, overwr
     raise AssertionError("unreachable")
 
 
-def _say(message: str) -> None:
-    console.print(message, soft_wrap=True, highlight=False)  # soft_wrap: one line however narrow the terminal
-
-
 def _report(claim: _Claim, label: str) -> None:
     for job_id, problem in claim.abandoned:
-        _say(f"[yellow]abandoned[/] job {job_id} ({label}): {problem}; computing it again")
+        log.warning(f"abandoned job {job_id} ({label}): {problem}; computing it again")
     if claim.holder is not None:
         holder = claim.holder
         age = seconds_since(holder.heartbeat_at)
         beat = "no heartbeat" if age is None else f"heartbeat {age:.0f}s ago"
-        _say(f"[yellow]skipped[/] {label}: job {holder.id} is computing it (pid {holder.pid} on {holder.host}, "
+        log.warning(f"skipped {label}: job {holder.id} is computing it (pid {holder.pid} on {holder.host}, "
              f"{beat}); rerun after it finishes")
 
 
@@ -330,22 +325,25 @@ def run_unit(
     science = science_config(config)
     hash_ = config_hash(science)
     label = label or key.kind
-    done_already = f"[yellow]skipped[/] {label}: already done with this config (use --overwrite to recompute)"
+    done_already = f"skipped {label}: already done with this config (use --overwrite to recompute)"
     with store.session() as session:
         if not overwrite and find_done(session, key, hash_) is not None:
-            _say(done_already)
+            log.info(done_already)
             return "skipped"
     claim = _claim(store, key, science, hash_, overwrite)
     if claim is None:
-        _say(done_already)
+        log.info(done_already)
         return "skipped"
     _report(claim, label)
     if claim.job_id is None:
         return "skipped"
     job_id = claim.job_id
+    log.debug(f"claimed {label}: job {job_id}, config hash {hash_[:12]}")
+    started = time.perf_counter()
     n_rows = _compute_and_write(store, {key: job_id}, compute,
                                 lambda session, result: {key: write(session, result, job_id)})[key]
-    _say(f"[green]done[/] {label}: {n_rows} rows (job {job_id})")
+    log.debug(f"{label}: computed and written in {time.perf_counter() - started:.1f}s")
+    show_result(f"[green]done[/] {label}: {n_rows} rows (job {job_id})")
     return "done"
 
 
@@ -407,12 +405,15 @@ def run_units(
     claimed, n_done_meanwhile = _claim_all(store, pending, science, hash_, overwrite, label)
     n_done = len(keys) - len(pending) + n_done_meanwhile
     if n_done:
-        _say(f"[yellow]skipped[/] {label}: {n_done} of {len(keys)} already done with this config "
-             "(use --overwrite to recompute)")
+        log.info(f"skipped {label}: {n_done} of {len(keys)} already done with this config "
+                 "(use --overwrite to recompute)")
     if not claimed:
         return []
     ran = list(claimed)
+    log.debug(f"claimed {label}: jobs {', '.join(map(str, claimed.values()))}, config hash {hash_[:12]}")
+    started = time.perf_counter()
     n_rows = _compute_and_write(store, claimed, lambda: compute(ran),
                                 lambda session, result: write(session, result, claimed))
-    _say(f"[green]done[/] {label}: {sum(n_rows.values())} rows (jobs {', '.join(map(str, claimed.values()))})")
+    log.debug(f"{label}: computed and written in {time.perf_counter() - started:.1f}s")
+    show_result(f"[green]done[/] {label}: {sum(n_rows.values())} rows (jobs {', '.join(map(str, claimed.values()))})")
     return ran

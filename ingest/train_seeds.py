@@ -10,6 +10,7 @@ a model; a rerun with other settings is refused rather than mixed into the famil
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from atlas.store import Store
 from atlas.store.schema import Dataset, Model, TrainingCurve, TrainingRun
 from atlas.training import TrainConfig, TrainResult
 
+log = logging.getLogger(__name__)
 DEFAULT_TEXT_BYTES = 16_000_000  # the whole default builtin:docstrings corpus; ~5M tokens
 
 
@@ -316,8 +318,6 @@ def _store_seed(
         session.add_all(TrainingCurve(run_id=run_row.id, step=step, train_loss=train_loss, heldout_loss=heldout)
                         for step, train_loss, heldout in result.curve)
     if result.hit_time_cap:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[yellow]seed {result.seed} stopped at the --max-seconds cap after "
-                                   f"{result.steps_done} of {config.train.steps} steps[/]")
+        log.warning(f"seed {result.seed} stopped at the --max-seconds cap after "
+                    f"{result.steps_done} of {config.train.steps} steps")
     return SeedOutcome(result.seed, model.name, directory, False, result.heldout_loss, bar_entropy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from atlas.metrics.weights import PARTITION_VARIANCE_SCALE
 from atlas.registry import resolve_models
 from atlas.store import Store
 from atlas.store.schema import Model, Neuron, NeuronVocab
-from ingest.options import MODEL_OR_FAMILY, OVERWRITE, option
+from ingest.options import RUN_OPTION, FamilyName, ModelName, Overwrite
 from ingest.progress import progress_bar
 from ingest.runner import JobKey, replace_rows, run_unit
 
@@ -20,22 +21,26 @@ from ingest.runner import JobKey, replace_rows, run_unit
 class WeightsConfig:
     """Weight statistics, vocabulary moments, class and top/bottom tokens of every neuron."""
 
-    model: str | None = MODEL_OR_FAMILY["model"]()
-    family: str | None = MODEL_OR_FAMILY["family"]()
-    overwrite: bool = OVERWRITE()
-    fold_final_norm: bool = option(True, "Fold the final norm's scale into W_U before the vocabulary cosines (paper).")
-    center: bool = option(True, "For LayerNorm models, centre W_U over the vocabulary and w_out over d_model (paper).")
-    top_k: int = option(20, "How many top and bottom vocabulary tokens to store per neuron.")
-    weights: str = option("processed", "Weights for the norms and cosines: 'processed' (the paper's TransformerLens "
-                                       "processing: each norm's scale folded into the weights that read through it, "
-                                       "its bias into b_in, LayerNorm models centred over d_model) or 'raw' (as "
-                                       "stored in the checkpoint).")
-    kurtosis_threshold: float = option(10.0, "Vocabulary kurtosis above which a neuron is prediction/suppression.")
-    partition_scale: float = option(PARTITION_VARIANCE_SCALE,
-                                    "A neuron is a partition neuron when its vocabulary variance exceeds "
-                                    "SCALE / d_model (5.12 / 1024 = 0.005, the paper's value for GPT-2 medium; "
-                                    "a random direction gives about 1 / d_model).")
-    chunk_mb: int = option(256, "Memory bound of one neurons x vocabulary chunk, in MiB.", run_option=True)
+    model: ModelName = None
+    family: FamilyName = None
+    overwrite: Overwrite = False
+    fold_final_norm: bool = True
+    """Fold the final norm's scale into W_U before the vocabulary cosines (paper)."""
+    center: bool = True
+    """For LayerNorm models, centre W_U over the vocabulary and w_out over d_model (paper)."""
+    top_k: int = 20
+    """How many top and bottom vocabulary tokens to store per neuron."""
+    weights: str = "processed"
+    """Weights for the norms and cosines: 'processed' (the paper's TransformerLens processing: each norm's scale
+    folded into the weights that read through it, its bias into b_in, LayerNorm models centred over d_model) or
+    'raw' (as stored in the checkpoint)."""
+    kurtosis_threshold: float = 10.0
+    """Vocabulary kurtosis above which a neuron is prediction/suppression."""
+    partition_scale: float = PARTITION_VARIANCE_SCALE
+    """A neuron is a partition neuron when its vocabulary variance exceeds SCALE / d_model (5.12 / 1024 = 0.005,
+    the paper's value for GPT-2 medium; a random direction gives about 1 / d_model)."""
+    chunk_mb: Annotated[int, RUN_OPTION] = 256
+    """Memory bound of one neurons x vocabulary chunk, in MiB."""
 
 
 @dataclass

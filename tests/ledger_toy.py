@@ -17,14 +17,14 @@ import typer
 
 from atlas.store import Store
 from atlas.store.schema import NeuronVocab
-from ingest.options import OVERWRITE, option
+from ingest.options import Overwrite
 from ingest.runner import JobKey, replace_rows, run_unit
 
 
 @dataclass
 class ToyConfig:
-    overwrite: bool = OVERWRITE()
-    scale: float = option(1.0, "a science option")
+    overwrite: Overwrite = False
+    scale: float = 1.0  # a science option
 
 
 def toy_key(model_id: int) -> JobKey:

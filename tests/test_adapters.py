@@ -18,7 +18,6 @@ from transformers import BertConfig
 from atlas.adapters import SUPPORTED, adapter_for
 from atlas.errors import AtlasError
 from atlas.modeling import capture_neuron_activations, load_model, model_summary, tokenizer_hash
-import atlas.modeling as modeling
 from tests.tiny import ARCHITECTURES, LLAMA_RELATIVES, NEOX_PADDED_VOCAB, build_tiny_model, build_tokenizer, docstring_texts
 
 ALL_ARCHS = ARCHITECTURES + LLAMA_RELATIVES
@@ -232,9 +231,13 @@ def test_missing_directory_is_named(tmp_path):
 
 
 def test_unreachable_hub_fails_fast_with_a_hint(monkeypatch):
-    monkeypatch.setattr(modeling, "_hub_reachable", lambda: False)
-    with pytest.raises(AtlasError, match="could not be reached.*local directory"):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at import
+    started = time.monotonic()
+    with pytest.raises(AtlasError, match="could not be reached .HF_HUB_OFFLINE is set.*local directory"):
         load_model("atlas-tests/no-such-model")
+    assert time.monotonic() - started < 5
 
 
 def test_unknown_hub_id_is_an_atlas_error_within_seconds():

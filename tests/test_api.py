@@ -186,7 +186,11 @@ def test_card_holds_the_data_and_renders_it(api):
     assert len(card.partners) == 2 and card.partners["partner_neuron"].notna().all()
     assert card.weights["vocab_class"] == card.vocab_class
 
+    assert set(card.provenance["result"]) == {"weights", "activations", "correlations"}
+    assert card.provenance["model_revision"].str.startswith("sha256:").all()
+
     page = card._repr_html_()
+    assert "Provenance" in page and card.provenance["torch_version"][0] in page
     tokens = examples["context_tokens"][0]
     tokens = json.loads(tokens) if isinstance(tokens, str) else tokens
     firing = tokens[int(examples["highlight_index"][0])]
@@ -205,3 +209,25 @@ def test_numpy_values_from_a_frame_are_accepted(api):
     row = api.neurons(limit=1).iloc[0]
     assert api.card(row["model"], row["layer"], row["neuron"]).neuron == int(row["neuron"])
     assert len(api.neurons(model=row["model"], layer=row["layer"])) > 0
+
+
+def test_every_job_carries_its_provenance(api):
+    import torch
+    import transformers
+
+    jobs = api.jobs(limit=10_000)
+    models = api.models().set_index("name")
+    assert len(jobs) == int(sql(api, "SELECT COUNT(*) AS n FROM jobs")["n"][0]) > 0
+    assert (jobs["torch_version"] == torch.__version__).all()
+    assert (jobs["transformers_version"] == transformers.__version__).all()
+    with_model = jobs[jobs["model"].notna()]
+    assert (with_model["model_source"] == with_model["model"].map(models["source"])).all()
+    assert with_model["model_revision"].str.startswith("sha256:").all()  # local directories: content hashes
+    assert with_model["tokenizer_hash"].notna().all()
+    with_dataset = jobs[jobs["dataset"].notna()]
+    assert len(with_dataset) > 0 and with_dataset["dataset_revision"].str.startswith("sha256:").all()
+    pairs = jobs[jobs["other_model"].notna()]
+    assert len(pairs) > 0 and pairs["other_model_revision"].str.startswith("sha256:").all()
+    # Every result row names a job of the ledger.
+    orphans = sql(api, "SELECT COUNT(*) AS n FROM neurons n LEFT JOIN jobs j ON j.id = n.job_id WHERE j.id IS NULL")
+    assert int(orphans["n"][0]) == 0

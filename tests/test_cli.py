@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import sys
@@ -35,10 +36,17 @@ def test_model_add_and_weights_end_to_end(db_url, tiny_models, tmp_path):
     listed = atlas("model", "list", db=db_url)
     assert tiny_models["gpt2"].name in listed.stdout
 
-    first = atlas("ingest", "weights", "--family", "tiny", db=db_url)
+    first = atlas("-q", "ingest", "weights", "--family", "tiny", db=db_url)  # -q: the results, nothing else
     assert first.returncode == 0, first.stderr
+    assert first.stderr == ""
+    assert [line.split(":")[0] for line in first.stdout.splitlines()] == [f"done weights {tiny_models['gpt2'].name}"]
     second = atlas("ingest", "weights", "--family", "tiny", db=db_url)
-    assert second.returncode == 0 and "skipped" in second.stderr
+    assert second.returncode == 0 and "skipped" in second.stderr and second.stdout == ""
+    verbose = atlas("-v", "ingest", "weights", "--family", "tiny", "--overwrite", "--partition-scale", "5.12",
+                    db=db_url)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "claimed weights" in verbose.stderr and "computed and written in" in verbose.stderr  # debug lines
+    assert verbose.stdout.startswith("done weights")
 
     query = "SELECT vocab_class, count(*) FROM neurons GROUP BY 1"
     if db_url.startswith("sqlite"):
@@ -51,6 +59,13 @@ def test_model_add_and_weights_end_to_end(db_url, tiny_models, tmp_path):
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(gpt2)
     assert sum(counts.values()) == config.n_layer * config.n_inner
+
+
+def test_version():
+    result = subprocess.run([sys.executable, "-m", "atlas.cli", "--version"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"atlas \S+ \(torch \S+, transformers \S+\)\n", result.stdout), result.stdout
 
 
 def test_bad_inputs_are_one_line_errors(db_url, tmp_path):

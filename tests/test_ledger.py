@@ -4,6 +4,7 @@ the heartbeat moves, and a database that goes away mid-job ends the job with one
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -70,8 +71,17 @@ def live_pid():
     process.wait()
 
 
-def stderr_lines(capsys) -> list[str]:
-    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+@pytest.fixture
+def progress(caplog):
+    """Reads the progress messages logged since the last read (the ingest loggers; `atlas` prints them on stderr)."""
+    caplog.set_level(logging.INFO, logger="ingest")
+
+    def read() -> list[str]:
+        lines = [record.getMessage() for record in caplog.records if record.name.startswith("ingest")]
+        caplog.clear()
+        return lines
+
+    return read
 
 
 def skipped_line(label: str, holder: int, pid: int, host: str = HOST) -> str:
@@ -87,7 +97,7 @@ def never() -> None:
 # --- (a) dead claims are abandoned and the unit recomputed ---------------------------------------
 
 
-def test_claim_of_a_dead_process_is_abandoned_and_recomputed(store, capsys):
+def test_claim_of_a_dead_process_is_abandoned_and_recomputed(store, progress):
     model_id = _add_model(store)
     stale = insert_claim(store, toy_key(model_id), pid=dead_pid(), host=HOST, heartbeat_age_s=0)
     assert run_toy(store, model_id) == "done"
@@ -96,7 +106,7 @@ def test_claim_of_a_dead_process_is_abandoned_and_recomputed(store, capsys):
     assert "is gone" in jobs[0].error and jobs[0].finished_at is not None
     assert (jobs[1].pid, jobs[1].host, jobs[1].claim_key) == (os.getpid(), HOST, toy_key(model_id).claim_key)
     assert toy_rows(store) == 4
-    assert any(line.startswith(f"abandoned job {stale}") for line in stderr_lines(capsys))
+    assert any(line.startswith(f"abandoned job {stale}") for line in progress())
 
 
 def test_stale_heartbeat_and_claims_from_before_claims_are_abandoned(store):
@@ -116,25 +126,25 @@ def test_stale_heartbeat_and_claims_from_before_claims_are_abandoned(store):
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_live_claim_makes_run_unit_skip_with_one_line(store, live_pid, capsys, overwrite):
+def test_live_claim_makes_run_unit_skip_with_one_line(store, live_pid, progress, overwrite):
     model_id = _add_model(store)
     holder = insert_claim(store, toy_key(model_id), pid=live_pid, host=HOST, heartbeat_age_s=1)
-    capsys.readouterr()
+    progress()
     assert run_toy(store, model_id, ToyConfig(overwrite=overwrite), during=never) == "skipped"
-    [line] = stderr_lines(capsys)
+    [line] = progress()
     assert re.fullmatch(skipped_line(f"toy model {model_id}", holder, live_pid), line), line
     assert [(j.id, j.status) for j in ledger(store)] == [(holder, "running")]
     assert toy_rows(store) == 0
 
 
-def test_live_claim_on_another_host_is_trusted_while_its_heartbeat_moves(store, capsys):
+def test_live_claim_on_another_host_is_trusted_while_its_heartbeat_moves(store, progress):
     model_id = _add_model(store)
     holder = insert_claim(store, toy_key(model_id), pid=dead_pid(), host="another-host", heartbeat_age_s=0)
     assert run_toy(store, model_id, during=never) == "skipped"
     assert [(j.id, j.status) for j in ledger(store)] == [(holder, "running")]
 
 
-def test_run_units_computes_only_the_units_it_claimed(store, live_pid, capsys):
+def test_run_units_computes_only_the_units_it_claimed(store, live_pid, progress, capsys):
     held, free = _add_model(store, "held", 0), _add_model(store, "free", 1)
     keys = [toy_key(held), toy_key(free)]
     holder = insert_claim(store, keys[0], pid=live_pid, host=HOST, heartbeat_age_s=0)
@@ -149,23 +159,23 @@ def test_run_units_computes_only_the_units_it_claimed(store, live_pid, capsys):
 
     assert run_units(store, keys, ToyConfig(), compute, write, label="toys") == [keys[1]]
     assert computed == [[keys[1]]]
-    lines = stderr_lines(capsys)
-    assert re.fullmatch(skipped_line(f"toys (model {held})", holder, live_pid), lines[0]), lines
-    assert lines[1].startswith("done toys: 4 rows")
+    [line] = progress()
+    assert re.fullmatch(skipped_line(f"toys (model {held})", holder, live_pid), line), line
+    assert capsys.readouterr().out.startswith("done toys: 4 rows")  # the result, on stdout
     assert [(j.model_id, j.status) for j in ledger(store)] == [(held, "running"), (free, "done")]
 
 
-def test_a_concurrent_claim_loses_on_the_unique_index(store, live_pid, monkeypatch, capsys):
+def test_a_concurrent_claim_loses_on_the_unique_index(store, live_pid, monkeypatch, progress):
     """Two processes that both looked before either inserted: the index refuses the second claim."""
     model_id = _add_model(store)
     holder = insert_claim(store, toy_key(model_id), pid=live_pid, host=HOST, heartbeat_age_s=0)
     monkeypatch.setattr(runner, "_running_rows", lambda session, key: [])  # the look misses the holder
     assert run_toy(store, model_id, during=never) == "skipped"
-    assert f"job {holder} is computing it" in stderr_lines(capsys)[-1]
+    assert f"job {holder} is computing it" in progress()[-1]
     assert [(j.id, j.status) for j in ledger(store)] == [(holder, "running")]
 
 
-def test_a_unit_done_between_the_check_and_the_claim_is_skipped(store, monkeypatch, capsys):
+def test_a_unit_done_between_the_check_and_the_claim_is_skipped(store, monkeypatch, progress):
     model_id = _add_model(store)
     assert run_toy(store, model_id) == "done"
     real_find_done, calls = runner.find_done, []
@@ -176,7 +186,7 @@ def test_a_unit_done_between_the_check_and_the_claim_is_skipped(store, monkeypat
 
     monkeypatch.setattr(runner, "find_done", find_done_late)
     assert run_toy(store, model_id, during=never) == "skipped"
-    assert "already done with this config" in stderr_lines(capsys)[-1]
+    assert "already done with this config" in progress()[-1]
     assert [j.status for j in ledger(store)] == ["done"]  # the claim was rolled back, no trace
 
 
@@ -207,10 +217,10 @@ def test_two_identical_jobs_at_once_compute_the_unit_once(store, db_url):
     model_id = _add_model(store)
     start_at = time.time() + 6  # both processes are imported by then and claim in the same instant
     processes = [toy_process(db_url, model_id, 3, start_at) for _ in range(2)]
-    results = [(p.wait(timeout=120), p.stderr.read()) for p in processes]
-    for returncode, stderr in results:
-        assert returncode == 0 and "Traceback" not in stderr, stderr
-    lines = [line for _, stderr in results for line in stderr.splitlines() if line.strip()]
+    results = [(p.wait(timeout=120), p.stdout.read() + p.stderr.read()) for p in processes]
+    for returncode, output in results:
+        assert returncode == 0 and "Traceback" not in output, output
+    lines = [line for _, output in results for line in output.splitlines() if line.strip()]
     [done] = [job for job in ledger(store)]
     assert done.status == "done" and toy_rows(store) == 4
     assert len(lines) == 2 and f"done toy model {model_id}: 4 rows (job {done.id})" in lines, lines

@@ -9,6 +9,7 @@ code, one stderr line, no traceback), in process; one runs as a real subprocess.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from atlas.cli import main
 from atlas.errors import AtlasError
 from atlas.registry import register_dataset, register_model
 from atlas.store import Store
-from atlas.store.schema import Base, DatasetTokens, Model, NeuronCorrelation
+from atlas.store.schema import Base, Dataset, DatasetTokens, Model, NeuronCorrelation
 from atlas.training import TrainConfig
 from ingest import activations
 from ingest.activations import ActivationsConfig
@@ -325,7 +326,8 @@ def test_checkpoint_key_follows_the_weights_content(store, tiny_family, docs_fil
     tokens = tokenize(dataset, AutoTokenizer.from_pretrained(directory))
 
     def key(weights_hash: str) -> str:
-        return Checkpoint(activations._checkpoint_key({model.id: weights_hash}, dataset, tokens, 4, config)).key
+        return Checkpoint(activations._checkpoint_key({model.id: weights_hash}, dataset, tokens, 4, config,
+                                                     torch.device("cpu"))).key
 
     assert key(model.weights_hash) != key("0" * 64)
     assert key(model.weights_hash) == key(model.weights_hash)
@@ -337,13 +339,176 @@ def test_checkpoint_key_follows_the_weights_content(store, tiny_family, docs_fil
     assert "changed since it was registered" in str(changed.value) and "\n" not in str(changed.value)
     assert row_counts(store)["activation_stats"] == 0
 
-    # A row from before weights hashes: the key falls back to the hash of the weights loaded now.
-    from atlas.modeling import load_model, weights_hash
+    # A row without a hash (before hashes, or cleared by migration 0004) takes the hash of the files now.
+    from atlas.modeling import load_model
+    from atlas.provenance import local_weight_files, scan_weights
     from atlas.registry import verified_weights_hash
 
     with store.transaction() as session:
         session.execute(update(Model).where(Model.id == model.id).values(weights_hash=None))
     with store.session() as session:
         old_row = session.get(Model, model.id)
+    now = scan_weights(local_weight_files(directory)).weights_hash
+    assert verified_weights_hash(store, old_row, load_model(str(directory))) == now != model.weights_hash
+    assert registered_hash(store, model.id) == now
+
+
+def registered_hash(store: Store, model: int) -> str | None:
+    with store.session() as session:
+        return session.scalar(select(Model.weights_hash).where(Model.id == model))
+
+
+# -- weights hashed from the files, revisions ----------------------------------------------------
+
+def flip_last_weight_byte(file: Path) -> None:
+    """XOR the low mantissa byte of the last float32 in the file (tensor data ends the file): finite still."""
+    data = bytearray(file.read_bytes())
+    data[-4] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def test_the_weights_hash_is_of_the_file_tensors(tiny_family, tmp_path):
+    from safetensors.torch import load_file
+
+    from atlas.provenance import local_weight_files, scan_weights
+
+    def hashed(directory: Path) -> str:
+        return scan_weights(local_weight_files(directory)).weights_hash
+
+    first, second = (shutil.copytree(tiny_family[0], tmp_path / name) for name in ("a", "b"))
+    assert hashed(first) == hashed(second) == hashed(first)
+    as_bin = shutil.copytree(tiny_family[0], tmp_path / "bin")  # the same tensors saved by torch.save
+    torch.save(load_file(as_bin / "model.safetensors"), as_bin / "pytorch_model.bin")
+    (as_bin / "model.safetensors").unlink()
+    assert hashed(as_bin) == hashed(first)
+    flip_last_weight_byte(second / "model.safetensors")
+    assert hashed(second) != hashed(first)
+
+
+def test_changed_file_bytes_are_refused_and_a_missing_hash_is_filled(store, tiny_family, tmp_path):
+    from atlas.modeling import load_model
+    from atlas.registry import verified_weights_hash
+
+    directory = shutil.copytree(tiny_family[0], tmp_path / "model")
+    model, _ = register_model(store, str(directory), family="tiny", seed=0)
     loaded = load_model(str(directory))
-    assert verified_weights_hash(old_row, loaded) == weights_hash(loaded.model) != model.weights_hash
+    assert verified_weights_hash(store, model, loaded) == model.weights_hash
+    with store.transaction() as session:  # what migration 0004 does to every row
+        session.execute(update(Model).values(weights_hash=None))
+    with store.session() as session:
+        cleared = session.get(Model, model.id)
+    assert verified_weights_hash(store, cleared, loaded) == model.weights_hash
+    assert registered_hash(store, model.id) == model.weights_hash
+    flip_last_weight_byte(directory / "model.safetensors")
+    with pytest.raises(AtlasError, match="changed since it was registered") as changed:
+        verified_weights_hash(store, model, load_model(str(directory)))
+    assert "\n" not in str(changed.value)
+
+
+def test_non_finite_weights_in_a_pytorch_bin_are_refused(store, tiny_family, tmp_path):
+    from safetensors.torch import load_file
+
+    directory = shutil.copytree(tiny_family[0], tmp_path / "inf-bin")
+    tensors = load_file(directory / "model.safetensors")
+    tensors["transformer.h.2.mlp.c_proj.weight"][3, 1] = float("inf")
+    torch.save(tensors, directory / "pytorch_model.bin")
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(AtlasError, match=r"non-finite weights \(NaN or inf in transformer.h.2.mlp.c_proj.weight\)"):
+        register_model(store, str(directory), family="tiny", seed=0)
+    assert row_counts(store)["models"] == 0
+
+
+def test_a_local_model_resolves_to_a_hash_of_its_files(store, tiny_family, tmp_path):
+    from atlas.registry import remove_model
+
+    directory = shutil.copytree(tiny_family[0], tmp_path / "model")
+    first, _ = register_model(store, str(directory), family="tiny", seed=0)
+    assert first.resolved_revision.startswith("sha256:") and len(first.resolved_revision) == 71
+    with store.session() as session:
+        assert session.get(Model, first.id).resolved_revision == first.resolved_revision
+    remove_model(store, first.name)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "atlas_note": "edited"}))
+    again, _ = register_model(store, str(directory), family="tiny", seed=0)
+    assert again.weights_hash == first.weights_hash
+    assert again.resolved_revision.startswith("sha256:") and again.resolved_revision != first.resolved_revision
+
+
+def test_registration_does_not_build_the_model(store, tiny_family, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("registration called from_pretrained")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    model, _ = register_model(store, str(tiny_family[0]), family="tiny", seed=0)
+    shapes = (model.architecture, model.n_layers, model.d_model, model.d_mlp, model.vocab_size)
+    assert shapes == ("gpt2", 3, 48, 96, 512)
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+REGISTER_FROM_HUB_CACHE = """
+import json, sys
+from atlas.modeling import load_model
+from atlas.registry import register_model, verified_weights_hash
+from atlas.store import Store
+
+store = Store(sys.argv[1])
+model, _ = register_model(store, "atlas-tests/tiny", family="hub", seed=0)
+verified = verified_weights_hash(store, model, load_model("atlas-tests/tiny"))
+print(json.dumps({"resolved": model.resolved_revision, "hash": model.weights_hash, "verified": verified}))
+"""
+
+
+def test_a_hub_model_offline_is_read_from_the_hub_cache_at_its_commit(tiny_family, tmp_path):
+    """The hub code path (huggingface_hub's cache, HF_HUB_OFFLINE=1), on the tiny model's real files laid out
+    as the hub cache stores a snapshot: registered at the commit its ref names, with the files' hash."""
+    from atlas.provenance import local_weight_files, scan_weights
+
+    repo = tmp_path / "hub" / "models--atlas-tests--tiny"
+    shutil.copytree(tiny_family[0], repo / "snapshots" / HUB_COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", REGISTER_FROM_HUB_CACHE, f"sqlite:///{tmp_path / 'hub.db'}"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    registered = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = scan_weights(local_weight_files(tiny_family[0])).weights_hash
+    assert registered == {"resolved": HUB_COMMIT, "hash": expected, "verified": expected}
+
+
+# -- dataset revisions ----------------------------------------------------------------------------
+
+def test_a_local_dataset_resolves_to_its_content_hash(store, docs_file):
+    dataset, _ = register_dataset(store, "docs", str(docs_file), n_tokens=400, ctx_len=CTX)
+    assert dataset.revision is None and dataset.resolved_revision == f"sha256:{dataset.content_hash}"
+    with pytest.raises(AtlasError, match="--revision v1 applies to Hugging Face hub datasets only"):
+        register_dataset(store, "docs-v1", str(docs_file), n_tokens=400, ctx_len=CTX, revision="v1")
+
+
+def test_a_hub_dataset_is_read_at_its_revision_and_resolves_to_its_commit(store, monkeypatch):
+    """The datasets library and the hub API stand in for the network; the atlas code around them is real."""
+    import datasets
+    import huggingface_hub
+
+    import atlas.provenance
+
+    asked = {}
+
+    def load_dataset(name, config, *, split, streaming, revision):
+        asked.update(name=name, revision=revision)
+        return [{"text": f"document number {i} " * 8} for i in range(20)]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    offline, _ = register_dataset(store, "offline", "atlas-tests/texts", n_tokens=400, ctx_len=CTX, revision="v1")
+    assert asked == {"name": "atlas-tests/texts", "revision": "v1"}
+    assert (offline.revision, offline.resolved_revision) == ("v1", None)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setattr(atlas.provenance, "hub_commit", lambda repo, revision, repo_type: commit)
+    online, _ = register_dataset(store, "online", "atlas-tests/texts", n_tokens=400, ctx_len=CTX, revision="v1")
+    assert online.resolved_revision == commit and online.content_hash == offline.content_hash
+    unpinned, _ = register_dataset(store, "main", "atlas-tests/texts", n_tokens=400, ctx_len=CTX)
+    assert unpinned.content_hash != online.content_hash  # the revision is part of the fingerprint
+    with store.session() as session:
+        stored = session.scalars(select(Dataset).where(Dataset.name == "online")).one()
+    assert (stored.revision, stored.resolved_revision) == ("v1", commit)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from atlas.store import Store, bulk_insert
 from atlas.store.db import head_revision
 from atlas.store.schema import Base, Job, Model, NeuronCorrelation, NeuronVocab, TopExample
 from atlas.store.views import VIEWS
-from ingest.options import OVERWRITE, option
+from ingest.options import TARGET, Overwrite
 from ingest.runner import JobKey, replace_rows, run_unit
 
 
@@ -90,9 +91,9 @@ def test_bulk_insert_nan_as_null_and_json(store):
 
 @dataclass
 class ToyConfig:
-    model: str | None = option(None, "target", target=True)
-    overwrite: bool = OVERWRITE()
-    scale: float = option(1.0, "a science option")
+    model: Annotated[str | None, TARGET] = None
+    overwrite: Overwrite = False
+    scale: float = 1.0  # a science option
 
 
 def _toy_rows(store, model_id):

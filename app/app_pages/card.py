@@ -74,6 +74,7 @@ def render() -> None:
     _show_weights(engine, info, layer, neuron)
     _show_activations(engine, info, layer, neuron)
     _show_partners(engine, info, layer, neuron)
+    _show_provenance(engine, info, layer, neuron)
 
 
 def _show_weights(engine, info: dict, layer: int, neuron: int) -> None:
@@ -135,6 +136,16 @@ def _show_partners(engine, info: dict, layer: int, neuron: int) -> None:
             f"(ρ = {charts.number(row.max_corr)}, {row.partner_class or 'no weights'})",
             row.other_model, row.partner_layer, row.partner_neuron,
         )
+
+
+def _show_provenance(engine, info: dict, layer: int, neuron: int) -> None:
+    provenance = queries.neuron_provenance(engine, info["name"], layer, neuron)
+    if provenance.empty:
+        return
+    with st.expander("Provenance: the jobs that wrote this card"):
+        st.caption("Model and dataset revisions (hub commit, or sha256 of local files), tokenizer hash and library "
+                   "versions, as each job recorded them when it ran.")
+        st.dataframe(provenance, hide_index=True)
 
 
 render()

@@ -5,7 +5,8 @@ A source is one of:
 - a local file: `.txt`, `.jsonl` (one JSON object per line) or `.parquet` (a column);
 - a local folder: every such file below it, in sorted relative-path order (hidden files skipped);
 - a Hugging Face dataset id (`owner/name`, optionally `owner/name:config`, or prefixed `hf:`),
-  read through `datasets` with streaming=True so a large dataset is never downloaded whole.
+  read through `datasets` with streaming=True so a large dataset is never downloaded whole, at
+  an optional revision (branch, tag or commit).
 
 Documents of a .txt file: the whole file is one document when it is at most
 TXT_WHOLE_FILE_MAX_BYTES; a larger file (a book, a dump) is split into one document per
@@ -41,16 +42,20 @@ def iter_documents(
     split: str = "train",
     text_field: str = "text",
     *,
+    revision: str | None = None,
     docstrings_max_bytes: int | None = DEFAULT_DOCSTRINGS_MAX_BYTES,
 ) -> Iterator[str]:
-    """The documents of `source` in a fixed order (see the module docstring for the kinds)."""
+    """The documents of `source` in a fixed order (see the module docstring for the kinds).
+
+    revision: the branch, tag or commit of a hub dataset (default: its main branch)."""
+    _check_revision(source, revision)
     if source.startswith("builtin:"):
         _check_builtin(source)
         return _non_empty(source, _docstrings(docstrings_max_bytes))
     path = _local_path(source)
     if path is not None:
         return _non_empty(source, _local_documents(path, text_field))
-    return _non_empty(source, _hub_documents(_hub_id(source), split, text_field))
+    return _non_empty(source, _hub_documents(_hub_id(source), split, text_field, revision))
 
 
 def content_hash(documents: Iterable[str]) -> str:
@@ -68,21 +73,24 @@ def source_fingerprint(
     split: str = "train",
     text_field: str = "text",
     *,
+    revision: str | None = None,
     docstrings_max_bytes: int | None = DEFAULT_DOCSTRINGS_MAX_BYTES,
 ) -> str:
     """A cache key that changes when the documents of `source` can change, without parsing them.
 
     Local files: a hash of their relative paths and bytes. builtin:docstrings: the corpus key
-    (Python version, installed distributions, cap). Hub datasets: the id, config, split and field
-    (a hub dataset that is edited in place keeps its fingerprint: hash the documents with
+    (Python version, installed distributions, cap). Hub datasets: the id, config, split, field and
+    revision asked for (a hub branch that moves keeps its fingerprint: hash the documents with
     content_hash when that matters).
     """
+    _check_revision(source, revision)
     if source.startswith("builtin:"):
         _check_builtin(source)
         return f"docstrings:{corpus_key(docstrings_max_bytes)}"
     path = _local_path(source)
     if path is None:
-        return f"hf:{_hub_id(source)}:{split}:{text_field}"
+        at = f"@{revision}" if revision else ""  # no suffix without a revision: older keys stay valid
+        return f"hf:{_hub_id(source)}:{split}:{text_field}{at}"
     digest = hashlib.sha256(f"v{PARSING_VERSION}:{text_field}".encode())
     for file in _source_files(path):
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
@@ -210,12 +218,13 @@ def _hub_id(source: str) -> str:
     return source.removeprefix("hf:")
 
 
-def _hub_documents(dataset_id: str, split: str, text_field: str) -> Iterator[str]:
+def _hub_documents(dataset_id: str, split: str, text_field: str, revision: str | None) -> Iterator[str]:
     import datasets
 
     name, _, config = dataset_id.partition(":")
     try:
-        stream = iter(datasets.load_dataset(name, config or None, split=split, streaming=True))
+        dataset = datasets.load_dataset(name, config or None, split=split, streaming=True, revision=revision)
+        stream = iter(dataset)
         first = next(stream, None)
     except Exception as error:  # datasets raises many types (ConnectionError, FileNotFound, HTTP, ValueError)
         reason = first_line(error)
@@ -233,6 +242,29 @@ def _hub_documents(dataset_id: str, split: str, text_field: str) -> Iterator[str
             raise AtlasError(f"dataset {name!r}: field {text_field!r} holds {type(text).__name__}, not text; pick a text field")
         if text and text.strip():
             yield text.strip()
+
+
+def resolved_dataset_revision(source: str, revision: str | None, content_hash: str) -> str | None:
+    """What a registered dataset resolves to: a hub dataset's commit SHA (None when offline or the hub
+    does not answer: registration never waits on it), else "sha256:" + the dataset's content hash."""
+    if not _is_hub(source):
+        return f"sha256:{content_hash}"
+    from atlas.provenance import hub_commit
+
+    try:
+        return hub_commit(_hub_id(source).partition(":")[0], revision, repo_type="dataset")
+    except Exception:  # unreachable, or a hub answer that datasets itself got past: no SHA to record
+        return None
+
+
+def _is_hub(source: str) -> bool:
+    return not source.startswith("builtin:") and _local_path(source) is None
+
+
+def _check_revision(source: str, revision: str | None) -> None:
+    if revision is not None and not _is_hub(source):
+        raise AtlasError(f"--revision {revision} applies to Hugging Face hub datasets only, and {source} is "
+                         "local or builtin: drop --revision")
 
 
 def _chain_first(first: dict, rest: Iterator[dict]) -> Iterator[dict]:

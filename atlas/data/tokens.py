@@ -20,7 +20,6 @@ tokenizer hash and therefore the very same file, and a second build is a cache h
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -42,7 +41,6 @@ DEFAULT_SHUFFLE_BUFFER = 10_000
 ENCODE_CHUNK_DOCS = 1024
 ENCODE_CHUNK_BYTES = 1 << 20
 ROW_DTYPE = np.dtype("<i4")
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -341,9 +339,7 @@ def _write_rows(
                 break
     if counts.n_rows == 0:
         raise AtlasError("the documents hold no tokens; check the source")
-    exhausted = counts.n_tokens < n_tokens
-    if exhausted:
-        log.warning("source ran out at %d of %d requested tokens", counts.n_tokens, n_tokens)
+    exhausted = counts.n_tokens < n_tokens  # said by the caller, which knows whether it is fatal
     _raw_to_npy(staging / "ids.bin", staging / "ids.npy", (counts.n_rows, ctx_len))
     np.save(staging / "lengths.npy", np.array(lengths, dtype=ROW_DTYPE))
     np.save(staging / "doc_indices.npy", np.array(doc_indices, dtype=np.int64))

@@ -21,6 +21,7 @@ most a few hundred such roundings, whose random-walk sum stays near 1e-6 of sqrt
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Union
 
@@ -28,9 +29,12 @@ import numpy as np
 import torch
 
 from atlas.errors import AtlasError
-from atlas.metrics._arrays import ArrayLike, as_float32_tensor
+from atlas.metrics._arrays import ArrayLike, Device, accumulator_device, as_float32_tensor
 
 DEFAULT_FLUSH_TOKENS = 16384
+# Rotations kept per process: one per (baseline seed, layer) of the widest family a job compares
+# (GPT-2 medium: 24 layers of 4096, 3.2 GB; smaller models far less).
+ROTATION_CACHE_SIZE = 48
 
 
 class CorrelationAccumulator:
@@ -41,6 +45,8 @@ class CorrelationAccumulator:
     seed each layer's rotation so that blocked and unblocked runs give the same baseline.
     shift_a / shift_b: per-neuron shifts (mean estimates); default: the first batch's means.
     track_gram: keep the per-layer Gram matrices of B (needed by rotated_baseline_max only).
+    device: where the state lives and each batch is multiplied (the job's device); results and
+    checkpoints are copied to the host, nothing else crosses.
     """
 
     def __init__(
@@ -53,7 +59,9 @@ class CorrelationAccumulator:
         b_layers: Sequence[int] | None = None,
         track_gram: bool = True,
         flush_tokens: int = DEFAULT_FLUSH_TOKENS,
+        device: Device = "cpu",
     ) -> None:
+        self.device = accumulator_device(device)
         self.n_a = n_a
         self.layer_sizes_b = [int(size) for size in layer_sizes_b]
         self.n_b = sum(self.layer_sizes_b)
@@ -63,13 +71,13 @@ class CorrelationAccumulator:
         self.track_gram = track_gram
         self.flush_tokens = flush_tokens
         self.n = 0
-        self.shift_a = None if shift_a is None else self._shift(shift_a, n_a, "shift_a")
-        self.shift_b = None if shift_b is None else self._shift(shift_b, self.n_b, "shift_b")
-        f64 = dict(dtype=torch.float64)
+        self.shift_a = None if shift_a is None else self._shift(shift_a, n_a, "shift_a", self.device)
+        self.shift_b = None if shift_b is None else self._shift(shift_b, self.n_b, "shift_b", self.device)
+        f64, f32 = dict(dtype=torch.float64, device=self.device), dict(dtype=torch.float32, device=self.device)
         self.sum_a, self.sumsq_a = torch.zeros(n_a, **f64), torch.zeros(n_a, **f64)
         self.sum_b, self.sumsq_b = torch.zeros(self.n_b, **f64), torch.zeros(self.n_b, **f64)
-        self.max_a, self.min_a = torch.full((n_a,), -np.inf), torch.full((n_a,), np.inf)
-        self.max_b, self.min_b = torch.full((self.n_b,), -np.inf), torch.full((self.n_b,), np.inf)
+        self.max_a, self.min_a = torch.full((n_a,), -np.inf, **f32), torch.full((n_a,), np.inf, **f32)
+        self.max_b, self.min_b = torch.full((self.n_b,), -np.inf, **f32), torch.full((self.n_b,), np.inf, **f32)
         self.cross = torch.zeros(n_a, self.n_b, **f64)
         self.grams = [torch.zeros(d, d, **f64) for d in self.layer_sizes_b] if track_gram else []
         # float32 partial sums of the products since the last flush (allocated on first use)
@@ -79,8 +87,8 @@ class CorrelationAccumulator:
         self._buffers: dict[str, torch.Tensor] = {}
 
     @staticmethod
-    def _shift(values: ArrayLike, size: int, name: str) -> torch.Tensor:
-        shift = as_float32_tensor(values).reshape(-1)
+    def _shift(values: ArrayLike, size: int, name: str, device: Device = "cpu") -> torch.Tensor:
+        shift = as_float32_tensor(values, device).reshape(-1)
         if shift.shape[0] != size:
             raise ValueError(f"{name} has {shift.shape[0]} values for {size} neurons")
         return shift.clone()
@@ -98,7 +106,7 @@ class CorrelationAccumulator:
     # -- accumulation ----------------------------------------------------------------------
     def update(self, xa: ArrayLike, xb: ArrayLike) -> None:
         """Add one batch: xa [n, n_a] and xb [n, n_b] activations of the SAME n token positions."""
-        xa32, xb32 = as_float32_tensor(xa), as_float32_tensor(xb)
+        xa32, xb32 = as_float32_tensor(xa, self.device), as_float32_tensor(xb, self.device)
         if xa32.ndim != 2 or xb32.ndim != 2 or xa32.shape[0] != xb32.shape[0]:
             raise ValueError(f"xa {tuple(xa32.shape)} and xb {tuple(xb32.shape)} must be [n, features] with equal n")
         if xa32.shape[1] != self.n_a or xb32.shape[1] != self.n_b:
@@ -123,7 +131,7 @@ class CorrelationAccumulator:
         """A float32 work buffer kept between updates (reallocated when the batch shape changes)."""
         buffer = self._buffers.get(name)
         if buffer is None or buffer.shape != torch.Size(shape):
-            buffer = self._buffers[name] = torch.empty(shape)
+            buffer = self._buffers[name] = torch.empty(shape, device=self.device)
         return buffer
 
     @staticmethod
@@ -138,8 +146,9 @@ class CorrelationAccumulator:
     def _accumulate_products(self, ya: torch.Tensor, yb: torch.Tensor) -> None:
         layers = self._layer_columns(yb)
         if self._pending_cross is None:
-            self._pending_cross = torch.empty(self.n_a, self.n_b)
-            self._pending_grams = [torch.empty(d, d) for d in self.layer_sizes_b] if self.track_gram else []
+            self._pending_cross = torch.empty(self.n_a, self.n_b, device=self.device)
+            self._pending_grams = ([torch.empty(d, d, device=self.device) for d in self.layer_sizes_b]
+                                   if self.track_gram else [])
         if self._pending_tokens == 0:  # overwrite the stale buffer instead of zeroing it
             torch.mm(ya.T, yb, out=self._pending_cross)
             for pending, layer in zip(self._pending_grams, layers):
@@ -171,17 +180,17 @@ class CorrelationAccumulator:
 
     def means_a(self) -> np.ndarray:
         self._require_data()
-        return (self.sum_a / self.n + self.shift_a.double()).numpy()
+        return (self.sum_a / self.n + self.shift_a.double()).cpu().numpy()
 
     def means_b(self) -> np.ndarray:
         self._require_data()
-        return (self.sum_b / self.n + self.shift_b.double()).numpy()
+        return (self.sum_b / self.n + self.shift_b.double()).cpu().numpy()
 
     def _variances(self, total, total_sq, maximum, minimum) -> torch.Tensor:
         """Population variances, exactly 0 where the raw values never changed."""
         mean = total / self.n
         variance = (total_sq / self.n - mean * mean).clamp_min(0.0)
-        return torch.where(maximum == minimum, 0.0, variance)
+        return torch.where(maximum == minimum, 0.0, variance).cpu()
 
     def variances_a(self) -> np.ndarray:
         self._require_data()
@@ -198,7 +207,7 @@ class CorrelationAccumulator:
         mean_a, mean_b = self.sum_a[rows] / self.n, self.sum_b[columns] / self.n
         covariance = self.cross[rows, columns] / self.n
         covariance -= mean_a[:, None] * mean_b[None, :]
-        return covariance.numpy()
+        return covariance.cpu().numpy()
 
     def layer_covariance(self, index: int) -> np.ndarray:
         """Population covariance [d_l, d_l] of the block's B layer `index` (0-based within the block)."""
@@ -208,7 +217,7 @@ class CorrelationAccumulator:
         self.flush()
         start = sum(self.layer_sizes_b[:index])
         mean = self.sum_b[start : start + self.layer_sizes_b[index]] / self.n
-        return (self.grams[index] / self.n - mean[:, None] * mean[None, :]).numpy()
+        return (self.grams[index] / self.n - mean[:, None] * mean[None, :]).cpu().numpy()
 
     def correlations(self, rows: slice = slice(None)) -> np.ndarray:
         """rho [rows, n_b] float64; NaN where either neuron has zero variance."""
@@ -232,27 +241,31 @@ class CorrelationAccumulator:
         accumulator: write them out before the next update."""
         self.flush()
         empty = np.zeros(0, dtype=np.float32)
+
+        def host(tensor: torch.Tensor) -> np.ndarray:  # shares memory on the CPU, copies from a device
+            return tensor.cpu().numpy()
+
         return {
             "n": np.array(self.n, dtype=np.int64),
             "layer_sizes_b": np.array(self.layer_sizes_b, dtype=np.int64),
             "b_layers": np.array(self.b_layers, dtype=np.int64),
             "track_gram": np.array(self.track_gram),
             "flush_tokens": np.array(self.flush_tokens, dtype=np.int64),
-            "shift_a": empty if self.shift_a is None else self.shift_a.numpy(),
-            "shift_b": empty if self.shift_b is None else self.shift_b.numpy(),
-            "sum_a": self.sum_a.numpy(), "sumsq_a": self.sumsq_a.numpy(),
-            "sum_b": self.sum_b.numpy(), "sumsq_b": self.sumsq_b.numpy(),
-            "max_a": self.max_a.numpy(), "min_a": self.min_a.numpy(),
-            "max_b": self.max_b.numpy(), "min_b": self.min_b.numpy(),
-            "cross": self.cross.numpy(),
-            "grams": np.concatenate([g.numpy().reshape(-1) for g in self.grams]) if self.grams else empty.astype(np.float64),
+            "shift_a": empty if self.shift_a is None else host(self.shift_a),
+            "shift_b": empty if self.shift_b is None else host(self.shift_b),
+            "sum_a": host(self.sum_a), "sumsq_a": host(self.sumsq_a),
+            "sum_b": host(self.sum_b), "sumsq_b": host(self.sumsq_b),
+            "max_a": host(self.max_a), "min_a": host(self.min_a),
+            "max_b": host(self.max_b), "min_b": host(self.min_b),
+            "cross": host(self.cross),
+            "grams": np.concatenate([host(g).reshape(-1) for g in self.grams]) if self.grams else empty.astype(np.float64),
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, np.ndarray]) -> CorrelationAccumulator:
+    def from_state_dict(cls, state: dict[str, np.ndarray], device: Device = "cpu") -> CorrelationAccumulator:
         def tensor(key: str) -> torch.Tensor:
             array = np.asarray(state[key])
-            return torch.from_numpy(array if array.flags.writeable else array.copy())
+            return torch.from_numpy(array if array.flags.writeable else array.copy()).to(accumulator.device)
 
         layer_sizes = [int(d) for d in state["layer_sizes_b"]]
         shift_a, shift_b = np.asarray(state["shift_a"]), np.asarray(state["shift_b"])
@@ -260,7 +273,7 @@ class CorrelationAccumulator:
             int(np.asarray(state["cross"]).shape[0]), layer_sizes,
             shift_a if shift_a.size else None, shift_b if shift_b.size else None,
             b_layers=[int(l) for l in state["b_layers"]],
-            track_gram=bool(state["track_gram"]), flush_tokens=int(state["flush_tokens"]),
+            track_gram=bool(state["track_gram"]), flush_tokens=int(state["flush_tokens"]), device=device,
         )
         accumulator.n = int(state["n"])
         for key in ("sum_a", "sumsq_a", "sum_b", "sumsq_b", "max_a", "min_a", "max_b", "min_b", "cross"):
@@ -327,13 +340,22 @@ def random_orthogonal(d: int, seed: int | Sequence[int]) -> np.ndarray:
     """A Haar-distributed orthogonal [d, d] matrix, reproducible from seed (int or int tuple).
 
     QR of a seeded Gaussian matrix, with the columns' signs fixed by sign(diag(R)) so that the
-    distribution is exactly Haar (plain QR is biased by LAPACK's sign convention).
+    distribution is exactly Haar (plain QR is biased by LAPACK's sign convention). Cached: every
+    pair of a family rotates B's layer l by the same matrix, built once per process.
     """
+    key = (int(seed),) if isinstance(seed, (int, np.integer)) else tuple(int(part) for part in seed)
+    return _cached_orthogonal(int(d), key)
+
+
+@functools.lru_cache(maxsize=ROTATION_CACHE_SIZE)
+def _cached_orthogonal(d: int, seed: tuple[int, ...]) -> np.ndarray:
     gaussian = np.random.default_rng(seed).standard_normal((d, d))
-    q, r = np.linalg.qr(gaussian)
-    signs = np.sign(np.diag(r))
+    q, r = torch.linalg.qr(torch.from_numpy(gaussian))  # twice numpy's speed on the CPU, and runs on a GPU
+    signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1.0
-    return q * signs[None, :]
+    rotation = (q * signs[None, :]).numpy()
+    rotation.flags.writeable = False  # shared by every caller of the cache
+    return rotation
 
 
 def layer_rotations(accumulator: CorrelationAccumulator, seed: int) -> list[np.ndarray]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from atlas.metrics._arrays import ArrayLike, as_float64_tensor
+from atlas.metrics._arrays import ArrayLike, Device, accumulator_device, as_float64_tensor, host
 
 _STATE_KEYS = ("n", "mean", "m2", "m3", "m4", "max", "min", "n_active")
 
@@ -89,13 +89,15 @@ def standardised_moments(
 class StreamingMoments:
     """Running n, mean, var, skew, kurt, max, min and fraction of positive values per feature."""
 
-    def __init__(self, n_features: int) -> None:
+    def __init__(self, n_features: int, device: Device = "cpu") -> None:
         self.n_features = n_features
-        zeros = torch.zeros(n_features, dtype=torch.float64)
+        self.device = accumulator_device(device)  # batches are moved here; only results leave it
+        f64 = dict(dtype=torch.float64, device=self.device)
+        zeros = torch.zeros(n_features, **f64)
         self._moments = _Moments(0, zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone())
-        self._max = torch.full((n_features,), -np.inf, dtype=torch.float64)
-        self._min = torch.full((n_features,), np.inf, dtype=torch.float64)
-        self._n_active = torch.zeros(n_features, dtype=torch.int64)
+        self._max = torch.full((n_features,), -np.inf, **f64)
+        self._min = torch.full((n_features,), np.inf, **f64)
+        self._n_active = torch.zeros(n_features, dtype=torch.int64, device=self.device)
 
     @property
     def n(self) -> int:
@@ -103,7 +105,7 @@ class StreamingMoments:
 
     def update(self, x: ArrayLike) -> None:
         """Add a batch x [n_positions, n_features] (torch of any float dtype, or numpy)."""
-        batch = as_float64_tensor(x)
+        batch = as_float64_tensor(x, self.device)
         if batch.ndim != 2 or batch.shape[1] != self.n_features:
             raise ValueError(
                 f"expected activations [n_positions, {self.n_features}], got {tuple(batch.shape)}"
@@ -128,24 +130,24 @@ class StreamingMoments:
     def result(self) -> dict[str, np.ndarray]:
         """n, mean, var, skew, kurt, max, min, frac_active: float64 arrays [n_features] (n int64)."""
         n = self.n
-        maximum, minimum = self._max.numpy().copy(), self._min.numpy().copy()
+        maximum, minimum = host(self._max), host(self._min)
         var, skew, kurt = standardised_moments(
             n,
-            self._moments.m2.numpy(),
-            self._moments.m3.numpy(),
-            self._moments.m4.numpy(),
+            host(self._moments.m2),
+            host(self._moments.m3),
+            host(self._moments.m4),
             constant=maximum == minimum,
         )
         empty = np.full(self.n_features, np.nan)
         return {
             "n": np.full(self.n_features, n, dtype=np.int64),
-            "mean": self._moments.mean.numpy().copy() if n else empty.copy(),
+            "mean": host(self._moments.mean) if n else empty.copy(),
             "var": var,
             "skew": skew,
             "kurt": kurt,
             "max": maximum if n else empty.copy(),
             "min": minimum if n else empty.copy(),
-            "frac_active": self._n_active.numpy() / n if n else empty.copy(),
+            "frac_active": host(self._n_active) / n if n else empty.copy(),
         }
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -153,24 +155,24 @@ class StreamingMoments:
         moments = self._moments
         return {
             "n": np.array(moments.n, dtype=np.int64),
-            "mean": moments.mean.numpy().copy(),
-            "m2": moments.m2.numpy().copy(),
-            "m3": moments.m3.numpy().copy(),
-            "m4": moments.m4.numpy().copy(),
-            "max": self._max.numpy().copy(),
-            "min": self._min.numpy().copy(),
-            "n_active": self._n_active.numpy().copy(),
+            "mean": host(moments.mean),
+            "m2": host(moments.m2),
+            "m3": host(moments.m3),
+            "m4": host(moments.m4),
+            "max": host(self._max),
+            "min": host(self._min),
+            "n_active": host(self._n_active),
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, np.ndarray]) -> StreamingMoments:
+    def from_state_dict(cls, state: dict[str, np.ndarray], device: Device = "cpu") -> StreamingMoments:
         missing = [key for key in _STATE_KEYS if key not in state]
         if missing:
             raise ValueError(f"moments checkpoint lacks {missing}")
-        accumulator = cls(int(np.asarray(state["mean"]).shape[0]))
+        accumulator = cls(int(np.asarray(state["mean"]).shape[0]), device)
 
         def tensor(key: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(np.asarray(state[key]), dtype=dtype)
+            return torch.tensor(np.asarray(state[key]), dtype=dtype, device=accumulator.device)
 
         accumulator._moments = _Moments(
             n=int(state["n"]),

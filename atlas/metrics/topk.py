@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from atlas.metrics._arrays import Device, host
+
 # candidate batch-row indices [k', F] -> payload [k', W, F]
 PayloadFn = Callable[[torch.Tensor], torch.Tensor]
 _STATE_KEYS = ("values", "keys", "payload")
@@ -52,13 +54,14 @@ def batch_top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
 class StreamingTopK:
     """The k largest values per feature over a stream, with their int64 keys and payloads."""
 
-    def __init__(self, n_features: int, k: int, payload_width: int = 0) -> None:
+    def __init__(self, n_features: int, k: int, payload_width: int = 0, device: Device = "cpu") -> None:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         self.n_features, self.k, self.payload_width = n_features, k, payload_width
-        self.values = torch.full((0, n_features), -torch.inf, dtype=torch.float32)
-        self.keys = torch.zeros((0, n_features), dtype=torch.int64)
-        self.payload = torch.zeros((0, payload_width, n_features), dtype=torch.float32)
+        self.device = torch.device(device)  # batches are merged here; only results leave it
+        self.values = torch.full((0, n_features), -torch.inf, dtype=torch.float32, device=self.device)
+        self.keys = torch.zeros((0, n_features), dtype=torch.int64, device=self.device)
+        self.payload = torch.zeros((0, payload_width, n_features), dtype=torch.float32, device=self.device)
 
     def update(self, values: torch.Tensor, keys: torch.Tensor, payload: PayloadFn | None = None) -> None:
         """Add a batch: values [n, F], keys [n] strictly increasing and larger than every earlier key."""
@@ -66,33 +69,33 @@ class StreamingTopK:
             raise ValueError(f"expected values [n, {self.n_features}], got {tuple(values.shape)}")
         if values.shape[0] == 0:
             return
-        values = values.detach().float().cpu()
+        values = values.detach().to(self.device, torch.float32)
         index = batch_top_indices(values, self.k)
-        candidate_payload = (payload(index).float().cpu() if payload is not None
-                             else torch.zeros((index.shape[0], self.payload_width, self.n_features)))
+        candidate_payload = (payload(index).to(self.device, torch.float32) if payload is not None
+                             else torch.zeros((index.shape[0], self.payload_width, self.n_features), device=self.device))
         # Earlier entries first: after the stable sort, equal values keep the smaller key first.
         merged = _stable_descending(
             torch.cat([self.values, values.gather(0, index)]),
-            torch.cat([self.keys, keys.cpu()[index]]),
+            torch.cat([self.keys, keys.to(self.device)[index]]),
             torch.cat([self.payload, candidate_payload]),
         )
         self.values, self.keys, self.payload = (t[: self.k].contiguous() for t in merged)
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(values [m, F], keys [m, F], payload [m, W, F]), best first; m = min(k, items seen)."""
-        return self.values.numpy().copy(), self.keys.numpy().copy(), self.payload.numpy().copy()
+        return host(self.values), host(self.keys), host(self.payload)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return dict(zip(_STATE_KEYS, self.result()))
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, np.ndarray], k: int) -> StreamingTopK:
+    def from_state_dict(cls, state: dict[str, np.ndarray], k: int, device: Device = "cpu") -> StreamingTopK:
         missing = [key for key in _STATE_KEYS if key not in state]
         if missing:
             raise ValueError(f"top-k checkpoint lacks {missing}")
         payload = np.asarray(state["payload"])
-        top = cls(payload.shape[2], k, payload.shape[1])
-        top.values = torch.from_numpy(np.array(state["values"], dtype=np.float32))
-        top.keys = torch.from_numpy(np.array(state["keys"], dtype=np.int64))
-        top.payload = torch.from_numpy(np.array(payload, dtype=np.float32))
+        top = cls(payload.shape[2], k, payload.shape[1], device)
+        top.values = torch.from_numpy(np.array(state["values"], dtype=np.float32)).to(top.device)
+        top.keys = torch.from_numpy(np.array(state["keys"], dtype=np.int64)).to(top.device)
+        top.payload = torch.from_numpy(np.array(payload, dtype=np.float32)).to(top.device)
         return top

@@ -38,6 +38,7 @@ class NeuronCard:
     examples: pd.DataFrame  # top-activating contexts, highlight_index marks the firing token
     partners: pd.DataFrame  # the best-correlated neuron in every other seed
     universality: pd.DataFrame  # excess correlation per dataset
+    provenance: pd.DataFrame  # the jobs that wrote these rows: revisions, tokenizer, library versions
 
     @property
     def vocab_class(self) -> str | None:
@@ -49,7 +50,7 @@ class NeuronCard:
 
     def _repr_html_(self) -> str:
         sections = [self._header_html(), self._weights_html(), self._vocab_html(), self._activations_html(),
-                    self._partners_html()]
+                    self._partners_html(), self._provenance_html()]
         return '<div class="atlas-card">' + "".join(sections) + "</div>"
 
     def _header_html(self) -> str:
@@ -95,6 +96,12 @@ class NeuronCard:
                 f"{self.partners.to_html(index=False, float_format=_float, na_rep='n/a')}")
 
 
+    def _provenance_html(self) -> str:
+        if self.provenance.empty:
+            return ""
+        return f"<h4>Provenance (the jobs that wrote this card)</h4>{self.provenance.to_html(index=False, na_rep='')}"
+
+
 def _float(value: float) -> str:
     return format(value, ".4g")
 
@@ -112,4 +119,5 @@ def load_card(engine: Engine, info: dict[str, Any], layer: int, neuron: int, dat
         examples=queries.top_examples(engine, model, layer, neuron, dataset, limit=examples),
         partners=queries.correlation_partners(engine, model, layer, neuron),
         universality=queries.universal_scores(engine, model, layer, neuron),
+        provenance=queries.neuron_provenance(engine, model, layer, neuron),
     )

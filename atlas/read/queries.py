@@ -102,7 +102,7 @@ def models(engine: Engine, family: str | None = None) -> pd.DataFrame:
     where, params, expanding = _where(family=("family", family))
     return _frame(engine, f"""
         SELECT id AS model_id, name, family, seed, architecture, n_layers, d_model, d_mlp, vocab_size,
-               source, revision, created_at
+               source, revision, resolved_revision, tokenizer_hash, weights_hash, created_at
         FROM models {where} ORDER BY family, seed""", expanding, **params)
 
 
@@ -114,15 +114,22 @@ def model_info(engine: Engine, name: str) -> dict[str, Any] | None:
 
 def datasets(engine: Engine) -> pd.DataFrame:
     return _frame(engine, """
-        SELECT name, source, split, n_tokens, ctx_len, n_documents, sample_seed, content_hash, created_at
+        SELECT name, source, split, revision, resolved_revision, n_tokens, ctx_len, n_documents, sample_seed,
+               content_hash, created_at
         FROM datasets ORDER BY name""")
+
+
+# What produced a result, as each job recorded it when it claimed its unit.
+PROVENANCE_COLUMNS = ("j.model_source, j.model_revision, j.other_model_revision, j.dataset_source, j.dataset_revision, "
+                      "j.tokenizer_hash, j.torch_version, j.transformers_version")
 
 
 def jobs(engine: Engine, limit: int = 500, status: str | None = None, kind: str | None = None) -> pd.DataFrame:
     filters = [f"j.{name} = :{name}" for name, value in (("status", status), ("kind", kind)) if value is not None]
     frame = _frame(engine, f"""
         SELECT j.id, j.kind, m.name AS model, d.name AS dataset, o.name AS other_model, j.shard, j.status,
-               j.pid, j.host, j.heartbeat_at, j.started_at, j.finished_at, j.n_rows, j.error, j.atlas_version
+               j.pid, j.host, j.heartbeat_at, j.started_at, j.finished_at, j.n_rows, j.error, j.atlas_version,
+               {PROVENANCE_COLUMNS}
         FROM jobs j
         LEFT JOIN models m ON m.id = j.model_id
         LEFT JOIN datasets d ON d.id = j.dataset_id
@@ -324,6 +331,27 @@ def top_examples(engine: Engine, model: str, layer: int, neuron: int, dataset: s
     return frame
 
 
+def neuron_provenance(engine: Engine, model: str, layer: int, neuron: int) -> pd.DataFrame:
+    """The jobs that wrote this neuron's rows (weights, activations, correlations): one row per job."""
+    return _frame(engine, f"""
+        WITH written AS (
+            SELECT 'weights' AS result, n.job_id FROM neurons n JOIN models m ON m.id = n.model_id
+            WHERE m.name = :model AND n.layer = :layer AND n.neuron = :neuron
+            UNION
+            SELECT 'activations', a.job_id FROM activation_stats a JOIN models m ON m.id = a.model_id
+            WHERE m.name = :model AND a.layer = :layer AND a.neuron = :neuron
+            UNION
+            SELECT 'correlations', c.job_id FROM neuron_correlations c JOIN models m ON m.id = c.model_id
+            WHERE m.name = :model AND c.layer = :layer AND c.neuron = :neuron
+        )
+        SELECT w.result, j.id AS job_id, j.kind, d.name AS dataset, o.name AS other_model, j.finished_at,
+               j.atlas_version, {PROVENANCE_COLUMNS}
+        FROM written w JOIN jobs j ON j.id = w.job_id
+        LEFT JOIN datasets d ON d.id = j.dataset_id
+        LEFT JOIN models o ON o.id = j.other_model_id
+        ORDER BY w.result, j.id""", model=model, layer=layer, neuron=neuron)
+
+
 def correlation_partners(engine: Engine, model: str, layer: int, neuron: int) -> pd.DataFrame:
     """The best-correlated neuron in every other seed, with its class."""
     frame = correlations(engine, model=model, layer=layer, neuron=neuron)
@@ -459,3 +487,69 @@ def schema_columns(engine: Engine) -> pd.DataFrame:
                 records.append({"object": name, "kind": kind, "column": column["name"],
                                 "type": str(column["type"]), "nullable": column.get("nullable")})
     return pd.DataFrame.from_records(records, columns=["object", "kind", "column", "type", "nullable"])
+
+
+# --- summaries printed by the jobs and the demo --------------------------------------------------
+
+
+def universal_fractions(engine: Engine, family: str, dataset: str) -> list[dict[str, Any]]:
+    """Per model of the family: neurons, universal neurons, other seeds compared and the threshold."""
+    return _records(engine, """
+        SELECT model, seed, COUNT(*) AS n_neurons,
+               SUM(CASE WHEN is_universal THEN 1 ELSE 0 END) AS n_universal,
+               MIN(n_other_seeds) AS min_other_seeds, MAX(n_other_seeds) AS max_other_seeds,
+               MAX(universal_threshold) AS threshold
+        FROM universal_neurons WHERE family = :family AND dataset = :dataset
+        GROUP BY model, seed ORDER BY seed""", family=family, dataset=dataset)
+
+
+def family_summary(engine: Engine, family: str, dataset: str, low: float, null_family: str | None = None
+                   ) -> list[dict[str, Any]]:
+    """One dict per model of the family (then the null family's models, classes only): training,
+    universality (the threshold and a lower bar `low`), vocabulary classes and the worst deletion."""
+    params = {"family": family, "dataset": dataset, "low": low, "null_family": null_family}
+    rows = {row["model"]: row for row in _records(engine, """
+        SELECT m.name AS model, m.seed, r.steps, r.heldout_loss, r.unigram_entropy
+        FROM models m LEFT JOIN training_runs r ON r.model_id = m.id
+        WHERE m.family = :family ORDER BY m.seed""", **params)}
+    for sql in (_UNIVERSALITY_SUMMARY, _DELETION_SUMMARY, _CLASS_SUMMARY):
+        for row in _records(engine, sql, **params):
+            rows.setdefault(row["model"], {}).update(row)
+    for row in _records(engine, """
+            SELECT model, layer FROM layer_profile
+            WHERE family = :family AND dataset = :dataset AND delete_kl IS NOT NULL
+            ORDER BY delete_kl DESC""", **params):
+        rows[row["model"]].setdefault("max_delete_layer", row["layer"])
+    for row in _records(engine, """
+            SELECT model, layer, COUNT(*) AS n FROM universal_neurons
+            WHERE family = :family AND dataset = :dataset AND excess_corr > :low
+            GROUP BY model, layer ORDER BY model, layer""", **params):
+        rows[row["model"]].setdefault("above_low_by_layer", {})[row["layer"]] = row["n"]
+    return list(rows.values())
+
+
+_UNIVERSALITY_SUMMARY = """
+    SELECT model, COUNT(*) AS n_neurons,
+           SUM(CASE WHEN is_universal THEN 1 ELSE 0 END) AS n_universal,
+           MAX(universal_threshold) AS threshold,
+           SUM(CASE WHEN excess_corr > :low THEN 1 ELSE 0 END) AS n_above_low,
+           AVG(mean_max_corr) AS mean_max_corr, AVG(mean_baseline_corr) AS mean_baseline_corr
+    FROM universal_neurons WHERE family = :family AND dataset = :dataset GROUP BY model"""
+
+_DELETION_SUMMARY = """
+    SELECT model, MAX(delete_kl) AS max_delete_kl
+    FROM layer_profile WHERE family = :family AND dataset = :dataset GROUP BY model"""
+
+_CLASS_SUMMARY = """
+    SELECT m.name AS model, MAX(n.vocab_kurt) AS max_kurt,
+           SUM(CASE WHEN n.vocab_class = 'prediction' THEN 1 ELSE 0 END) AS n_prediction,
+           SUM(CASE WHEN n.vocab_class = 'suppression' THEN 1 ELSE 0 END) AS n_suppression,
+           SUM(CASE WHEN n.vocab_class = 'partition' THEN 1 ELSE 0 END) AS n_partition
+    FROM neurons n JOIN models m ON m.id = n.model_id
+    WHERE m.family = :family OR m.family = :null_family GROUP BY m.name, m.family ORDER BY m.family, m.name"""
+
+
+def _records(engine: Engine, sql: str, **params: Any) -> list[dict[str, Any]]:
+    """Rows as dicts of the driver's values (None for NULL, ints stay ints), as printed summaries want them."""
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.execute(text(sql), {k: _plain(v) for k, v in params.items()}).mappings()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,11 +17,21 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-import migrations
 from atlas.errors import AtlasError, first_line
 
 DEFAULT_URL = "sqlite:///atlas.db"
-MIGRATIONS_DIR = Path(migrations.__file__).parent
+
+
+def _migrations_dir() -> Path:
+    """The folder of the `migrations` package (installed beside atlas), found without importing it:
+    its env.py imports the schema, so the store must not import the migrations back."""
+    spec = importlib.util.find_spec("migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise AtlasError("the atlas migrations are not installed: reinstall the atlas (pip install -e .)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+MIGRATIONS_DIR = _migrations_dir()
 SQLITE_BUSY_TIMEOUT_S = 60.0
 
 

@@ -20,16 +20,12 @@ down_revision: Union[str, None] = '0003'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
-JOB_COLUMNS = [
-    sa.Column('model_source', sa.Text(), nullable=True),
-    sa.Column('model_revision', sa.String(length=100), nullable=True),
-    sa.Column('other_model_revision', sa.String(length=100), nullable=True),
-    sa.Column('dataset_source', sa.Text(), nullable=True),
-    sa.Column('dataset_revision', sa.String(length=100), nullable=True),
-    sa.Column('tokenizer_hash', sa.String(length=64), nullable=True),
-    sa.Column('torch_version', sa.String(length=50), nullable=True),
-    sa.Column('transformers_version', sa.String(length=50), nullable=True),
-]
+JOB_COLUMNS = {
+    'model_source': sa.Text, 'model_revision': lambda: sa.String(length=100),
+    'other_model_revision': lambda: sa.String(length=100), 'dataset_source': sa.Text,
+    'dataset_revision': lambda: sa.String(length=100), 'tokenizer_hash': lambda: sa.String(length=64),
+    'torch_version': lambda: sa.String(length=50), 'transformers_version': lambda: sa.String(length=50),
+}
 
 
 def _views_of_0003() -> dict[str, str]:
@@ -42,8 +38,8 @@ def _views_of_0003() -> dict[str, str]:
 
 def upgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        for column in JOB_COLUMNS:
-            batch_op.add_column(column.copy())
+        for name, column_type in JOB_COLUMNS.items():
+            batch_op.add_column(sa.Column(name, column_type(), nullable=True))
     with op.batch_alter_table('models', schema=None) as batch_op:
         batch_op.add_column(sa.Column('resolved_revision', sa.String(length=100), nullable=True))
     with op.batch_alter_table('datasets', schema=None) as batch_op:
@@ -69,7 +65,7 @@ def downgrade() -> None:
     op.create_index('uq_models_family_seed_step', 'models', ['family', 'seed', sa.text('coalesce(step, -1)')],
                     unique=True)
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        for column in reversed(JOB_COLUMNS):
-            batch_op.drop_column(column.name)
+        for name in reversed(list(JOB_COLUMNS)):
+            batch_op.drop_column(name)
     for statement in views.values():
         op.execute(statement)

@@ -1,0 +1,36 @@
+"""Which torch device a job runs on: `--device auto` picks cuda, then mps, then the CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from atlas.errors import AtlasError
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda, cuda:N or mps -> a torch.device that exists on this machine (AtlasError if not)."""
+    name = name.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AtlasError(f"--device {name!r} is not a torch device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AtlasError(f"--device {name} asks for a GPU but torch sees none (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda or 'no'}): use --device auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise AtlasError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not _mps_available():
+        raise AtlasError(f"--device {name}: torch has no working mps backend here; use --device auto or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise AtlasError(f"--device {name}: the atlas runs on cpu, cuda or mps")
+    return device
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
