@@ -10,9 +10,10 @@ share of the machine's GEMM speed that the accumulator achieves on useful work.
 
 The job benchmark registers --job-seeds randomly initialised GPT-2 models (built from a config with
 fixed seeds, saved with save_pretrained, sharing a byte-level BPE trained on builtin:docstrings) in a
-temporary SQLite store, and times the job over --job-tokens tokens of builtin:docstrings: every
-ordered pair, model forwards, accumulation, baselines and writes included. It prints tokens/s of the
-whole job (dataset tokens / wall time), the pair-GEMM FLOP/s that implies, and the peak RSS.
+temporary SQLite store, and times the job over --job-tokens tokens of builtin:docstrings: every pair of
+seeds (one accumulator per unordered pair gives both directions), model forwards, accumulation,
+baselines and writes included. It prints tokens/s of the whole job (dataset tokens / wall time), the
+pair-GEMM FLOP/s that implies, and the peak RSS.
 
     python bench/correlations.py --tokens 4096 --job --job-tokens 20000
     python bench/correlations.py --device cuda   # the accumulator and the job on a GPU (--device auto)
@@ -45,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps: where the "
                                                          "batches, the accumulator and the job's models live")
     parser.add_argument("--job", action="store_true", help="also time the whole correlations job")
-    parser.add_argument("--job-seeds", type=int, default=3, help="models in the family (ordered pairs: s * (s - 1))")
+    parser.add_argument("--job-seeds", type=int, default=3, help="models in the family (pairs: s * (s - 1) / 2)")
     parser.add_argument("--job-layers", type=int, default=4)
     parser.add_argument("--job-d-model", type=int, default=128)
     parser.add_argument("--job-d-mlp", type=int, default=512)
@@ -182,10 +183,10 @@ def bench_job(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         store.dispose()
     n = args.job_layers * args.job_d_mlp
-    pairs = args.job_seeds * (args.job_seeds - 1)
+    pairs = args.job_seeds * (args.job_seeds - 1) // 2  # unordered: one GEMM serves both directions
     pair_flops = 2.0 * args.job_tokens * n * n * pairs
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"job: {args.job_seeds} seeds ({pairs} ordered pairs), {args.job_layers} x {args.job_d_mlp} = {n} neurons "
+    print(f"job: {args.job_seeds} seeds ({pairs} seed pairs), {args.job_layers} x {args.job_d_mlp} = {n} neurons "
           f"per model, {args.job_tokens:,} tokens, budget {args.job_budget}, {torch.get_num_threads()} threads")
     print(f"job: {seconds:.2f} s, {args.job_tokens / seconds:,.0f} tokens/s of the whole job, "
           f"{pair_flops / seconds / 1e9:.1f} GFLOP/s of pair GEMM (2 * tokens * N_A * N_B per pair)")

@@ -1,17 +1,19 @@
 """Job `correlations`: cross-seed max correlations, partners and the rotation baseline (universal neurons).
 
-For every ordered pair (A, B) of a family's models without results for this config, every neuron of A
-gets max_j rho(A_i, B_j), its partner (layer, neuron), and the same max against B rotated per layer by a
-seeded random orthogonal matrix. The baseline comes from the pair's accumulated sums and cross-products
-and from each B layer's covariance on the same positions: no second pass over the data.
+For every unordered pair {A, B} of a family's seeds (at the same step) without results for this config,
+one accumulator of X_A^T X_B gives both directions: every neuron of A gets max_j rho(A_i, B_j) and its
+partner (layer, neuron), every neuron of B gets max_i rho(B_j, A_i) and its partner, and each gets the
+same max against the other model rotated per layer by a seeded random orthogonal matrix (B's layers for
+A's baseline, A's for B's). The baselines come from the pair's sums and cross-products and from each
+layer's covariance on the same positions: no second pass over the data. k seeds cost k(k-1)/2 pairs.
 
-Units and memory. A pair whose accumulator fits --memory-budget is one unit (ledger key: the pair). A
-larger pair is cut by memory_blocks into blocks (A slice x group of whole B layers); each block is a unit
-of its own (ledger key: the pair + shard "a0:512/b0:2") whose maxima go to a file in the cache, and the
-pair's rows are written from the combined blocks once all of them are done. Units are packed into passes
-whose accumulators fit the budget together: within a pass every model runs once per batch, whatever the
-number of pairs (ingest/family_pass.py), and the covariance of each B layer group is accumulated once per
-pass, not once per pair.
+Units and memory. A pair whose accumulator fits --memory-budget is one unit (ledger key: the pair, the
+lower model id first). A larger pair is cut by layer_grid into blocks of whole layers on both sides
+(group of A's layers x group of B's layers); each block is a unit of its own (ledger key: the pair +
+shard "a0:4/b4:8") whose maxima go to a file in the cache, and the pair's rows are written from the
+combined blocks once all of them are done. Units are packed into passes whose accumulators fit the
+budget together: within a pass every model runs once per batch, whatever the number of pairs
+(ingest/family_pass.py), and the covariance of each layer group is accumulated once per pass.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from atlas.data.cache import cache_dir, stable_hash
 from atlas.errors import AtlasError
 from atlas.metrics.correlation import (
     CorrelationAccumulator,
+    TransposedView,
     combine_maxima,
+    layer_grid,
     max_correlations,
-    memory_blocks,
     rotated_baseline_max,
 )
 from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_models, verified_weights_hash
@@ -47,7 +50,7 @@ from ingest.progress import show_result
 from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_unit, run_units, science_config
 
 KIND = "correlations"
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2  # 2: blocks of whole layers on both sides, both directions
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +59,7 @@ class CorrelationsConfig:
     """Cross-seed max correlations, partners and rotated baselines of every neuron (universal neurons)."""
 
     family: Annotated[str | None, TARGET] = None
-    """Run on every ordered pair of models of this family."""
+    """Run on every pair of seeds of this family (at the same training step)."""
     dataset: DatasetName = None
     tokens: int | None = None
     """Use only the first rows of the dataset holding this many tokens (default: all)."""
@@ -121,44 +124,66 @@ def _check_family(models: list[Model], family: str) -> None:
 
 
 def same_step_pairs(models: list[Model]) -> list[tuple[Model, Model]]:
-    """Ordered pairs of different seeds at the same training step (checkpoints are compared step by step;
-    a model without a step pairs with the others without one)."""
-    return [(a, b) for a in models for b in models if a.id != b.id and a.step == b.step]
+    """Unordered pairs {A, B} (A the lower id) of different seeds at the same training step: checkpoints
+    are compared step by step; a model without a step pairs with the others without one. One
+    accumulator per pair gives both directions, so k seeds need k(k-1)/2 of them."""
+    return [(a, b) for a in models for b in models if a.id < b.id and a.step == b.step]
 
 
 # -- planning -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Block:
-    """One unit of work: A's neurons [a_start, a_stop) against B's whole layers [b_start, b_stop)."""
+    """One unit of work: A's whole layers [a_start, a_stop) against B's whole layers [b_start, b_stop).
+
+    Its accumulator gives both directions: A's neurons against these B layers (rows) and B's against
+    these A layers (columns)."""
 
     key: JobKey
     a_id: int
     b_id: int
     a_start: int
     a_stop: int
+    a_d_mlp: int
     b_start: int
     b_stop: int
     b_d_mlp: int
     sharded: bool  # False: the block is the whole pair and writes its rows directly
 
     @property
+    def a_columns(self) -> slice:
+        return slice(self.a_start * self.a_d_mlp, self.a_stop * self.a_d_mlp)
+
+    @property
     def b_columns(self) -> slice:
         return slice(self.b_start * self.b_d_mlp, self.b_stop * self.b_d_mlp)
+
+    @property
+    def a_layer_sizes(self) -> list[int]:
+        return [self.a_d_mlp] * (self.a_stop - self.a_start)
 
     @property
     def b_layer_sizes(self) -> list[int]:
         return [self.b_d_mlp] * (self.b_stop - self.b_start)
 
     @property
-    def gram_key(self) -> tuple[int, int, int]:
+    def a_gram_key(self) -> tuple[int, int, int]:
+        return self.a_id, self.a_start, self.a_stop
+
+    @property
+    def b_gram_key(self) -> tuple[int, int, int]:
         return self.b_id, self.b_start, self.b_stop
 
-    def accumulator_bytes(self) -> int:
-        return CorrelationAccumulator.estimate_bytes(self.a_stop - self.a_start, self.b_layer_sizes, track_gram=False)
+    def gram_sizes(self) -> dict[tuple[int, int, int], list[int]]:
+        return {self.a_gram_key: self.a_layer_sizes, self.b_gram_key: self.b_layer_sizes}
 
-    def gram_bytes(self) -> int:
-        return CorrelationAccumulator.estimate_bytes(0, self.b_layer_sizes, track_gram=True)
+    def accumulator_bytes(self) -> int:
+        return CorrelationAccumulator.estimate_bytes(self.a_stop * self.a_d_mlp - self.a_start * self.a_d_mlp,
+                                                     self.b_layer_sizes, track_gram=False)
+
+
+def gram_bytes(layer_sizes: list[int]) -> int:
+    return CorrelationAccumulator.estimate_bytes(0, layer_sizes, track_gram=True)
 
 
 def pair_key(a: Model, b: Model, dataset_id: int) -> JobKey:
@@ -166,36 +191,40 @@ def pair_key(a: Model, b: Model, dataset_id: int) -> JobKey:
 
 
 def pair_blocks(a: Model, b: Model, dataset_id: int, budget: int) -> list[Block]:
-    """The pair as one block when it fits the budget (with its B layers' covariances), else its shards."""
-    n_a, n_b = a.n_layers * a.d_mlp, b.n_layers * b.d_mlp
-    # memory_blocks counts each block's Gram matrices inside its accumulator; here they live in a separate
-    # covariance accumulator with its own B vectors (40 bytes a neuron): keep room for those
-    parts = memory_blocks(n_a, [b.d_mlp] * b.n_layers, max(budget - 40 * n_b, 0), track_gram=True)
-    sharded = len(parts) > 1
+    """The pair as one block when it fits the budget (with both sides' layer covariances), else its shards."""
+    grid = layer_grid(a.n_layers, a.d_mlp, b.n_layers, b.d_mlp, budget)
+    sharded = len(grid) > 1
     blocks = []
-    for a_rows, b_layers in parts:
-        shard = f"a{a_rows.start}:{a_rows.stop}/b{b_layers.start}:{b_layers.stop}" if sharded else None
+    for a_layers, b_layers in grid:
+        shard = f"a{a_layers.start}:{a_layers.stop}/b{b_layers.start}:{b_layers.stop}" if sharded else None
         key = JobKey(KIND, model_id=a.id, dataset_id=dataset_id, other_model_id=b.id, shard=shard)
-        blocks.append(Block(key, a.id, b.id, a_rows.start, a_rows.stop, b_layers.start, b_layers.stop, b.d_mlp, sharded))
+        blocks.append(Block(key, a.id, b.id, a_layers.start, a_layers.stop, a.d_mlp,
+                            b_layers.start, b_layers.stop, b.d_mlp, sharded))
     return blocks
 
 
 def pack_passes(blocks: list[Block], budget: int) -> list[list[Block]]:
-    """Greedy packing of blocks into passes whose accumulators and B covariances fit the budget together.
+    """Greedy packing of blocks into passes whose accumulators and layer covariances fit the budget together
+    (a covariance shared by several blocks of a pass counts once).
 
-    Each block fits alone (memory_blocks counted its B layers' covariances), so every pass gets one."""
+    Each block fits alone (layer_grid counted both sides' covariances), so every pass gets one."""
     passes: list[list[Block]] = []
     current: list[Block] = []
     used, grams = 0, set()
+
+    def extra_bytes(block: Block, held: set) -> int:
+        new = {key: sizes for key, sizes in block.gram_sizes().items() if key not in held}
+        return block.accumulator_bytes() + sum(gram_bytes(sizes) for sizes in new.values())
+
     for block in blocks:
-        extra = block.accumulator_bytes() + (0 if block.gram_key in grams else block.gram_bytes())
+        extra = extra_bytes(block, grams)
         if current and used + extra > budget:
             passes.append(current)
             current, used, grams = [], 0, set()
-            extra = block.accumulator_bytes() + block.gram_bytes()
+            extra = extra_bytes(block, grams)
         current.append(block)
         used += extra
-        grams.add(block.gram_key)
+        grams.update(block.gram_sizes())
     if current:
         passes.append(current)
     return passes
@@ -204,32 +233,34 @@ def pack_passes(blocks: list[Block], budget: int) -> list[list[Block]]:
 # -- accumulating -------------------------------------------------------------------------------
 
 class CorrelationConsumer:
-    """A family-pass consumer: one accumulator per block (no Gram matrices) and one covariance
-    accumulator per B layer group (a CorrelationAccumulator with no A neurons), shared by the blocks."""
+    """A family-pass consumer: one accumulator per block (no Gram matrices) and one covariance accumulator
+    per layer group of a model (a CorrelationAccumulator with no A neurons), shared by the blocks."""
 
     def __init__(self, blocks: list[Block], device: str | torch.device = "cpu") -> None:
         self.blocks = blocks
         self.device = torch.device(device)  # every accumulator lives beside the activations
         self.pairs = [self._pair_accumulator(block) for block in blocks]
+        self._gram_columns: dict[tuple[int, int, int], slice] = {}
         self.grams: dict[tuple[int, int, int], CorrelationAccumulator] = {}
         for block in blocks:
-            if block.gram_key not in self.grams:
-                self.grams[block.gram_key] = CorrelationAccumulator(
-                    0, block.b_layer_sizes, b_layers=range(block.b_start, block.b_stop), track_gram=True,
-                    device=self.device)
-        self._gram_columns = {block.gram_key: block.b_columns for block in blocks}
+            for key, columns, sizes in ((block.a_gram_key, block.a_columns, block.a_layer_sizes),
+                                        (block.b_gram_key, block.b_columns, block.b_layer_sizes)):
+                if key not in self.grams:
+                    self._gram_columns[key] = columns
+                    self.grams[key] = CorrelationAccumulator(0, sizes, b_layers=range(key[1], key[2]),
+                                                             track_gram=True, device=self.device)
 
     def _pair_accumulator(self, block: Block) -> CorrelationAccumulator:
-        return CorrelationAccumulator(block.a_stop - block.a_start, block.b_layer_sizes,
+        return CorrelationAccumulator(block.a_columns.stop - block.a_columns.start, block.b_layer_sizes,
                                       b_layers=range(block.b_start, block.b_stop), track_gram=False, device=self.device)
 
     def consume(self, step: PassBatch) -> None:
         for block, accumulator in zip(self.blocks, self.pairs):
-            accumulator.update(step.activations[block.a_id][:, block.a_start:block.a_stop],
+            accumulator.update(step.activations[block.a_id][:, block.a_columns],
                                step.activations[block.b_id][:, block.b_columns])
         for gram_key, accumulator in self.grams.items():
-            xb = step.activations[gram_key[0]][:, self._gram_columns[gram_key]]
-            accumulator.update(xb[:, :0], xb)
+            x = step.activations[gram_key[0]][:, self._gram_columns[gram_key]]
+            accumulator.update(x[:, :0], x)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state: dict[str, np.ndarray] = {}
@@ -249,20 +280,31 @@ class CorrelationConsumer:
                       for i, key in enumerate(self.grams)}
 
     def results(self, baseline_seed: int) -> dict[JobKey, dict[str, np.ndarray]]:
-        """Per block: max_corr, partner_layer / partner_neuron (-1: none) and baseline_max_corr, per A neuron."""
+        """Per block, both directions: a_* for A's neurons against B's layers, b_* for B's against A's
+        (max_corr, partner_layer / partner_neuron (-1: none), baseline_max_corr per neuron)."""
         results = {}
         for block, accumulator in zip(self.blocks, self.pairs):
             if accumulator.n == 0:
                 raise AtlasError("the dataset holds no token positions for statistics (only special tokens?): "
                                  "register a dataset with more text")
-            gram = self.grams[block.gram_key]
-            covariances = [gram.layer_covariance(i) for i in range(block.b_stop - block.b_start)]
-            best, column = max_correlations(accumulator)
-            partner_layer, partner_neuron = accumulator.locate(column)
-            baseline, _ = rotated_baseline_max(accumulator, baseline_seed, layer_covariances=covariances)
-            results[block.key] = {"max_corr": best, "partner_layer": partner_layer,
-                                  "partner_neuron": partner_neuron, "baseline_max_corr": baseline}
+            transposed = TransposedView(accumulator, block.a_layer_sizes, range(block.a_start, block.a_stop))
+            results[block.key] = {
+                **self._direction("a", accumulator, self.grams[block.b_gram_key], baseline_seed),
+                **self._direction("b", transposed, self.grams[block.a_gram_key], baseline_seed),
+            }
         return results
+
+    @staticmethod
+    def _direction(side: str, rows_against_columns, other_gram: CorrelationAccumulator,
+                   baseline_seed: int) -> dict[str, np.ndarray]:
+        """The rows' maxima over the columns' neurons, their partners, and the baseline with the columns'
+        layers rotated (their covariances measured once per layer group)."""
+        covariances = [other_gram.layer_covariance(i) for i in range(len(other_gram.layer_sizes_b))]
+        best, column = max_correlations(rows_against_columns)
+        partner_layer, partner_neuron = rows_against_columns.locate(column)
+        baseline, _ = rotated_baseline_max(rows_against_columns, baseline_seed, layer_covariances=covariances)
+        return {f"{side}_max_corr": best, f"{side}_partner_layer": partner_layer,
+                f"{side}_partner_neuron": partner_neuron, f"{side}_baseline_max_corr": baseline}
 
 
 # -- shards: per-block maxima kept in the cache until their pair is complete --------------------------
@@ -307,39 +349,55 @@ def load_shard(block: Block, job_id: int, context: RunContext) -> dict[str, np.n
         return {name: saved[name] for name in saved.files if name != "job_id"}
 
 
-def combine_blocks(parts: list[tuple[Block, dict[str, np.ndarray]]], n_a: int) -> dict[str, np.ndarray]:
-    """A pair's per-neuron results from its blocks: the best over B layer groups (the earlier group wins
-    ties, as the first column does in one block), the A slices side by side."""
-    combined = {"max_corr": np.full(n_a, np.nan), "baseline_max_corr": np.full(n_a, np.nan),
-                "partner_layer": np.full(n_a, -1, dtype=np.int64), "partner_neuron": np.full(n_a, -1, dtype=np.int64)}
-    by_slice: dict[tuple[int, int], list[dict[str, np.ndarray]]] = {}
-    for block, result in sorted(parts, key=lambda part: (part[0].a_start, part[0].b_start)):
-        by_slice.setdefault((block.a_start, block.a_stop), []).append(result)
-    for (start, stop), results in by_slice.items():
-        best, layer, neuron = combine_maxima([r["max_corr"] for r in results], [r["partner_layer"] for r in results],
-                                             [r["partner_neuron"] for r in results])
-        (baseline,) = combine_maxima([r["baseline_max_corr"] for r in results])
-        combined["max_corr"][start:stop], combined["baseline_max_corr"][start:stop] = best, baseline
-        combined["partner_layer"][start:stop], combined["partner_neuron"][start:stop] = layer, neuron
+def combine_blocks(parts: list[tuple[Block, dict[str, np.ndarray]]], a: Model, b: Model) -> dict[str, np.ndarray]:
+    """A pair's per-neuron results from its blocks, both directions: each side's best over the other side's
+    layer groups (the earlier group wins ties, as the first column does in one block)."""
+    combined = {}
+    for side, own, model in (("a", lambda blk: (blk.a_start, blk.a_stop, blk.a_d_mlp), a),
+                             ("b", lambda blk: (blk.b_start, blk.b_stop, blk.b_d_mlp), b)):
+        other_start = (lambda blk: blk.b_start) if side == "a" else (lambda blk: blk.a_start)
+        n = model.n_layers * model.d_mlp
+        out = {f"{side}_max_corr": np.full(n, np.nan), f"{side}_baseline_max_corr": np.full(n, np.nan),
+               f"{side}_partner_layer": np.full(n, -1, dtype=np.int64),
+               f"{side}_partner_neuron": np.full(n, -1, dtype=np.int64)}
+        groups: dict[tuple[int, int, int], list[dict[str, np.ndarray]]] = {}
+        for block, result in sorted(parts, key=lambda part: (own(part[0]), other_start(part[0]))):
+            groups.setdefault(own(block), []).append(result)
+        for (start, stop, d_mlp), results in groups.items():
+            neurons = slice(start * d_mlp, stop * d_mlp)
+            best, layer, neuron = combine_maxima([r[f"{side}_max_corr"] for r in results],
+                                                 [r[f"{side}_partner_layer"] for r in results],
+                                                 [r[f"{side}_partner_neuron"] for r in results])
+            (baseline,) = combine_maxima([r[f"{side}_baseline_max_corr"] for r in results])
+            out[f"{side}_max_corr"][neurons], out[f"{side}_baseline_max_corr"][neurons] = best, baseline
+            out[f"{side}_partner_layer"][neurons], out[f"{side}_partner_neuron"][neurons] = layer, neuron
+        combined.update(out)
     return combined
 
 
 # -- writing --------------------------------------------------------------------------------------
 
-def write_pair(session: Session, a: Model, b_id: int, result: dict[str, np.ndarray], job_id: int,
+def write_pair(session: Session, a: Model, b: Model, result: dict[str, np.ndarray], job_id: int,
                context: RunContext) -> int:
-    """Replace the pair's rows (one per neuron of A); NaN maxima become NULL, partner -1 becomes NULL."""
-    n_a = a.n_layers * a.d_mlp
-    features = np.arange(n_a)
+    """Replace the pair's rows, both directions (one per neuron of A against B, one per neuron of B against
+    A); NaN maxima become NULL, partner -1 becomes NULL."""
+    return sum(_write_direction(session, model, other, side, result, job_id, context)
+               for side, model, other in (("a", a, b), ("b", b, a)))
+
+
+def _write_direction(session: Session, model: Model, other: Model, side: str, result: dict[str, np.ndarray],
+                     job_id: int, context: RunContext) -> int:
+    features = np.arange(model.n_layers * model.d_mlp)
 
     def nullable(partner: np.ndarray) -> list[int | None]:
         return [int(value) if value >= 0 else None for value in partner]
 
-    where = {"model_id": a.id, "other_model_id": b_id, "dataset_id": context.dataset.id}
+    where = {"model_id": model.id, "other_model_id": other.id, "dataset_id": context.dataset.id}
     return replace_rows(session, NeuronCorrelation, where, {
-        "layer": features // a.d_mlp, "neuron": features % a.d_mlp,
-        "max_corr": result["max_corr"], "partner_layer": nullable(result["partner_layer"]),
-        "partner_neuron": nullable(result["partner_neuron"]), "baseline_max_corr": result["baseline_max_corr"],
+        "layer": features // model.d_mlp, "neuron": features % model.d_mlp,
+        "max_corr": result[f"{side}_max_corr"], "partner_layer": nullable(result[f"{side}_partner_layer"]),
+        "partner_neuron": nullable(result[f"{side}_partner_neuron"]),
+        "baseline_max_corr": result[f"{side}_baseline_max_corr"],
         "universal_threshold": context.config.universal_threshold, "job_id": job_id,
     })
 
@@ -351,9 +409,10 @@ def write_pass(session: Session, blocks: list[Block], results: dict[JobKey, dict
         result, job_id = results[block.key], job_ids[block.key]
         if block.sharded:
             save_shard(block, result, job_id, context)
-            n_rows[block.key] = block.a_stop - block.a_start
+            n_rows[block.key] = (block.a_stop - block.a_start) * block.a_d_mlp + (block.b_stop - block.b_start) * block.b_d_mlp
         else:
-            n_rows[block.key] = write_pair(session, context.models[block.a_id], block.b_id, result, job_id, context)
+            a, b = context.models[block.a_id], context.models[block.b_id]
+            n_rows[block.key] = write_pair(session, a, b, result, job_id, context)
     return n_rows
 
 
@@ -376,7 +435,7 @@ def compute_pass(blocks: list[Block], context: RunContext) -> tuple[dict[JobKey,
     n_rows = tokens.n_rows if config.tokens is None else tokens.rows_for_tokens(config.tokens)
     consumer = CorrelationConsumer(blocks, device)
     checkpoint = Checkpoint({
-        "job": KIND, "config": context.config_hash,
+        "job": KIND, "format": SHARD_FORMAT, "config": context.config_hash,
         "units": [(b.a_id, b.b_id, b.a_start, b.a_stop, b.b_start, b.b_stop) for b in blocks],
         "models": weights,  # by content: changed files never resume stale sums
         "dataset": (dataset.id, dataset.content_hash), "tokens": tokens.key, "n_rows": n_rows,
@@ -411,10 +470,10 @@ def _finish_sharded_pair(store: Store, a: Model, b: Model, blocks: list[Block], 
                 if result is None:
                     raise AtlasError(f"shard {block.key.shard} of {a.name} x {b.name} is missing: rerun the job")
                 parts.append((block, result))
-        return combine_blocks(parts, a.n_layers * a.d_mlp)
+        return combine_blocks(parts, a, b)
 
     outcome = run_unit(store, pair_key(a, b, context.dataset.id), context.config, compute,
-                       lambda session, result, job_id: write_pair(session, a, b.id, result, job_id, context),
+                       lambda session, result, job_id: write_pair(session, a, b, result, job_id, context),
                        overwrite=True, label=f"correlations {a.name} x {b.name} ({len(blocks)} shards)")
     if outcome == "done":  # skipped: another process is combining these shards, leave them to it
         for block in blocks:
@@ -437,7 +496,7 @@ def run(config: CorrelationsConfig, store: Store) -> None:
         blocks = {(a.id, b.id): pair_blocks(a, b, dataset.id, budget) for a, b in pending}
         to_compute = [block for pair_blocks_ in blocks.values() for block in _blocks_to_compute(session, pair_blocks_, context)]
     if len(pending) < len(pairs):
-        log.info(f"skipped {len(pairs) - len(pending)} of {len(pairs)} ordered pairs: already done "
+        log.info(f"skipped {len(pairs) - len(pending)} of {len(pairs)} seed pairs: already done "
                  "with this config (use --overwrite to recompute)")
     for units in pack_passes(to_compute, budget):
         checkpoints: list[Checkpoint] = []

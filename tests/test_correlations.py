@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from atlas.data import TokenizedDataset
 from atlas.errors import AtlasError
-from atlas.metrics.correlation import CorrelationAccumulator, random_orthogonal
+from atlas.metrics.correlation import pair_block_bytes, random_orthogonal
 from atlas.registry import register_dataset, register_model
 from atlas.store.schema import Dataset, Job, Model, NeuronCorrelation
 from ingest import correlations as job
@@ -160,7 +160,7 @@ def test_job_equals_float64_numpy_and_views_answer(store, seed_dirs, docs_file, 
     assert abs(offset.mean()) > 800 * offset.std() > 0  # the exactness case the shift exists for
     dead_feature = DEAD[0] * d_mlp + DEAD[1]
     assert np.ptp(acts[models[0].id][:, dead_feature]) == 0
-    assert len(done_pair_jobs(store)) == 6
+    assert sorted(done_pair_jobs(store)) == [(a.id, b.id) for a in models for b in models if a.id < b.id]
     maxima: dict[int, list[dict[str, np.ndarray]]] = {m.id: [] for m in models}
     for a in models:
         for b in models:
@@ -237,17 +237,17 @@ def test_new_seed_computes_only_its_pairs_and_leaves_old_rows_untouched(store, d
     assert first.exit_code == 0, first.output
     assert "universal" in first.output
     old_jobs = done_pair_jobs(store)
-    assert sorted(old_jobs) == sorted((a.id, b.id) for a in models for b in models if a.id != b.id)
-    old_rows = {pair: stored_pair(store, *[m for i in pair for m in models if m.id == i]) for pair in old_jobs}
+    assert sorted(old_jobs) == sorted((a.id, b.id) for a in models for b in models if a.id < b.id)  # unordered
+    both_directions = list(old_jobs) + [(b, a) for a, b in old_jobs]
+    old_rows = {pair: stored_pair(store, *[m for i in pair for m in models if m.id == i]) for pair in both_directions}
 
     (new,) = [m for m in register_family(store, seed_dirs, docs_file, seeds=(3,)) if m.seed == 3]
     computed.clear()
     second = runner.invoke(app, command)
     assert second.exit_code == 0, second.output
-    new_pairs = sorted([(m.id, new.id) for m in models] + [(new.id, m.id) for m in models])
-    assert sorted(computed) == new_pairs  # exactly the 6 pairs with the new seed
+    assert sorted(computed) == sorted((m.id, new.id) for m in models)  # the 4th seed: exactly 3 new accumulators
     jobs = done_pair_jobs(store)
-    assert len(jobs) == 12 and all(jobs[pair] == job_id for pair, job_id in old_jobs.items())
+    assert len(jobs) == 6 and all(jobs[pair] == job_id for pair, job_id in old_jobs.items())
     for pair, rows in old_rows.items():
         again = stored_pair(store, *[m for i in pair for m in models if m.id == i])
         assert again["raw"] == rows["raw"] and again["job_created"] == rows["job_created"]  # same job_id, created_at
@@ -257,18 +257,18 @@ def test_new_seed_computes_only_its_pairs_and_leaves_old_rows_untouched(store, d
 
     computed.clear()
     third = runner.invoke(app, command)
-    assert third.exit_code == 0 and computed == [] and "skipped 12 of 12" in third.output
+    assert third.exit_code == 0 and computed == [] and "skipped 6 of 6" in third.output
 
 
 # -- shards ----------------------------------------------------------------------------------------
 
 def test_shards_resume_and_equal_the_unsharded_run(store, seed_dirs, docs_file, monkeypatch, isolated_cache):
     models = register_family(store, seed_dirs, docs_file, seeds=(0, 1))
-    n_a, sizes = models[0].n_layers * models[0].d_mlp, [models[0].d_mlp] * models[0].n_layers
-    budget = CorrelationAccumulator.estimate_bytes(n_a, sizes[:2], track_gram=True) + 40 * n_a  # 2 of 3 layers
+    d_mlp = models[0].d_mlp
+    budget = pair_block_bytes(2, d_mlp, 2, d_mlp)  # 2 of 3 layers on each side
     blocks = job.pair_blocks(models[0], models[1], 1, budget)
-    assert [b.key.shard for b in blocks] == [f"a0:{n_a}/b0:2", f"a0:{n_a}/b2:3"]
-    n_passes = len(job.pack_passes([b for a, o in [(0, 1), (1, 0)] for b in job.pair_blocks(models[a], models[o], 1, budget)], budget))
+    assert [b.key.shard for b in blocks] == ["a0:2/b0:2", "a0:2/b2:3", "a2:3/b0:2", "a2:3/b2:3"]
+    n_passes = len(job.pack_passes(blocks, budget))
     assert n_passes >= 3
 
     calls = {"n": 0}
@@ -286,24 +286,25 @@ def test_shards_resume_and_equal_the_unsharded_run(store, seed_dirs, docs_file, 
     with store.session() as session:
         assert session.scalar(select(func.count()).select_from(NeuronCorrelation)) == 0  # no pair complete yet
         done_shards = session.scalars(select(Job.shard).where(Job.status == "done", Job.shard.is_not(None))).all()
-    assert len(done_shards) == 2 and len(list((isolated_cache / "correlation-shards").glob("*.npz"))) == 2
+    assert len(done_shards) == len({*done_shards}) >= 2
+    assert len(list((isolated_cache / "correlation-shards").glob("*.npz"))) == len(done_shards)
 
     resumed: list[str] = []
     monkeypatch.setattr(job, "compute_pass", lambda units, context: resumed.extend(u.key.shard for u in units)
                         or real_compute_pass(units, context))
     run(config(memory_budget=str(budget)), store)
-    assert len(resumed) == 2 * len(blocks) - 2  # the two finished shards were not computed again
+    assert sorted(resumed + done_shards) == sorted(b.key.shard for b in blocks)  # finished shards not computed again
     assert not list((isolated_cache / "correlation-shards").glob("*.npz"))  # dropped once the pairs are written
-    assert len(done_pair_jobs(store)) == 2
+    assert len(done_pair_jobs(store)) == 1
     sharded = {(a.id, b.id): stored_pair(store, a, b) for a, b in [models, models[::-1]]}
 
     run(config(overwrite=True), store)  # one unit per pair
     with store.session() as session:
-        assert session.scalar(select(func.count()).select_from(Job).where(Job.shard.is_(None), Job.status == "done")) == 2
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.shard.is_(None), Job.status == "done")) == 1
     for (a, b) in [models, models[::-1]]:
         whole = stored_pair(store, a, b)
-        for name in ("max_corr", "baseline_max_corr"):
-            np.testing.assert_allclose(sharded[a.id, b.id][name], whole[name], atol=1e-9, rtol=0)
+        for name in ("max_corr", "baseline_max_corr"):  # the float32 GEMM rounds by block shape (~1e-7)
+            np.testing.assert_allclose(sharded[a.id, b.id][name], whole[name], atol=1e-6, rtol=0)
         assert sharded[a.id, b.id]["partner"] == whole["partner"]
 
 
@@ -339,16 +340,17 @@ def test_interrupted_pass_resumes_from_its_checkpoint(store, seed_dirs, docs_fil
 
 def test_pack_passes_respects_the_budget():
     shapes = dict(n_layers=3, d_mlp=96)
-    a, b = Model(id=1, **shapes), Model(id=2, **shapes)
-    budget = 3 * CorrelationAccumulator.estimate_bytes(288, [96] * 3, track_gram=True)
-    blocks = job.pair_blocks(a, b, 1, budget) + job.pair_blocks(b, a, 1, budget)
-    assert [blk.sharded for blk in blocks] == [False, False]
-    assert len(job.pack_passes(blocks, budget)) == 1  # both pairs in one pass: each model runs once per batch
-    small = CorrelationAccumulator.estimate_bytes(100, [96], track_gram=True) + 40 * 288
+    a, b, c = Model(id=1, **shapes), Model(id=2, **shapes), Model(id=3, **shapes)
+    one_pair = pair_block_bytes(3, 96, 3, 96)
+    budget = 3 * one_pair
+    blocks = job.pair_blocks(a, b, 1, budget) + job.pair_blocks(a, c, 1, budget) + job.pair_blocks(b, c, 1, budget)
+    assert [blk.sharded for blk in blocks] == [False, False, False]
+    assert len(job.pack_passes(blocks, budget)) == 1  # every pair in one pass: each model runs once per batch
+    small = pair_block_bytes(1, 96, 1, 96)
     blocks = job.pair_blocks(a, b, 1, small)
     assert len(blocks) == 9 and all(blk.sharded for blk in blocks)
     for units in job.pack_passes(blocks, small):
-        grams = {blk.gram_key: blk.gram_bytes() for blk in units}
+        grams = {key: job.gram_bytes(sizes) for blk in units for key, sizes in blk.gram_sizes().items()}
         assert sum(blk.accumulator_bytes() for blk in units) + sum(grams.values()) <= small
 
 

@@ -10,8 +10,10 @@ from atlas.errors import AtlasError
 from atlas.metrics.correlation import (
     CorrelationAccumulator,
     combine_maxima,
+    TransposedView,
+    layer_grid,
     max_correlations,
-    memory_blocks,
+    pair_block_bytes,
     random_orthogonal,
     rotated_baseline_max,
 )
@@ -155,15 +157,12 @@ def test_baseline_with_covariances_from_a_gram_only_accumulator(activations) -> 
 def test_blocked_equals_unblocked(activations) -> None:
     xa, xb = activations
     whole = _accumulate(xa, xb, 500)
-    budget = CorrelationAccumulator.estimate_bytes(10, LAYER_SIZES_B[:2])
-    blocks = memory_blocks(N_A, LAYER_SIZES_B, budget)
-    assert len(blocks) > 2
+    blocks = [(a_slice, layers) for layers in (range(0, 2), range(2, 3)) for a_slice in (slice(0, 10), slice(10, N_A))]
     starts = np.cumsum([0, *LAYER_SIZES_B])
     covered = np.zeros((N_A, N_B), dtype=int)
     rho = np.full((N_A, N_B), np.inf)
     maxima, baselines = {}, {}
     for a_slice, layers in blocks:
-        assert CorrelationAccumulator.estimate_bytes(a_slice.stop - a_slice.start, [LAYER_SIZES_B[l] for l in layers]) <= budget
         columns = slice(starts[layers.start], starts[layers.stop])
         block = _accumulate(
             xa[:, a_slice], xb[:, columns], 500,
@@ -191,18 +190,44 @@ def test_blocked_equals_unblocked(activations) -> None:
     np.testing.assert_allclose(baseline, rotated_baseline_max(whole, seed=5)[0], atol=1e-5, rtol=0)
 
 
-def test_memory_blocks_keep_layers_whole_and_refuse_tiny_budgets() -> None:
-    sizes = [3072] * 12
-    assert memory_blocks(36864, sizes, 10**13) == [(slice(0, 36864), range(0, 12))]
-    blocks = memory_blocks(36864, sizes, 4 << 30)
-    for a_slice, layers in blocks:
-        assert CorrelationAccumulator.estimate_bytes(a_slice.stop - a_slice.start, [sizes[l] for l in layers]) <= 4 << 30
-    assert all(a_slice == slice(0, 36864) for a_slice, _ in blocks)  # A is cut only when needed
-    assert [l for _, layers in blocks for l in layers] == list(range(12))
-    cut = memory_blocks(36864, sizes, 200 << 20)
-    assert len({a.start for a, _ in cut}) > 1 and all(len(layers) == 1 for _, layers in cut)
+def test_layer_grid_keeps_layers_whole_on_both_sides_and_refuses_tiny_budgets() -> None:
+    assert layer_grid(12, 3072, 12, 3072, 10**13) == [(range(0, 12), range(0, 12))]
+    blocks = layer_grid(12, 3072, 12, 3072, 4 << 30)
+    assert len(blocks) == 9 and all(pair_block_bytes(len(a), 3072, len(b), 3072) <= 4 << 30 for a, b in blocks)
+    assert pair_block_bytes(6, 3072, 6, 3072) > 4 << 30  # the fewest groups that fit: 3 of 4 layers a side
+    assert sorted({l for a, _ in blocks for l in a}) == sorted({l for _, b in blocks for l in b}) == list(range(12))
     with pytest.raises(AtlasError, match="raise the budget"):
-        memory_blocks(36864, sizes, 1 << 20)
+        layer_grid(12, 3072, 12, 3072, 1 << 20)
+
+
+def _ordered_results(accumulator, layer_covariances, seed: int) -> dict[str, np.ndarray]:
+    best, column = max_correlations(accumulator)
+    layer, neuron = accumulator.locate(column)
+    baseline, _ = rotated_baseline_max(accumulator, seed, layer_covariances=layer_covariances)
+    return {"max": best, "layer": layer, "neuron": neuron, "baseline": baseline}
+
+
+def test_one_unordered_accumulator_equals_both_ordered_ones(activations) -> None:
+    """X_A^T X_B gives B's maxima over A and B's baseline (A's layers rotated) as an accumulator of (B, A)
+    would: the float32 GEMM of the transposed product holds the same sums, so the results agree to 1e-12."""
+    xa, xb = activations
+    sizes_a = [8, 16]  # A's 24 columns as two layers
+    forward = _accumulate(xa, xb, 500, track_gram=False)
+    backward = _accumulate(xb, xa, 500, layer_sizes_b=sizes_a, track_gram=False)
+    covariances_a = [_accumulate(xa[:, :0], xa[:, s:s + d], 500, layer_sizes_b=[d]).layer_covariance(0)
+                     for s, d in zip(np.cumsum([0, *sizes_a[:-1]]), sizes_a)]
+    covariances_b = [_accumulate(xb[:, :0], xb, 500).layer_covariance(i) for i in range(len(LAYER_SIZES_B))]
+    view = TransposedView(forward, sizes_a, a_layers=[0, 1])
+    unordered, ordered = _ordered_results(view, covariances_a, 7), _ordered_results(backward, covariances_a, 7)
+    assert np.isnan(unordered["max"][9]) and unordered["layer"][9] == -1  # the dead B neuron
+    for name in ("max", "baseline"):
+        np.testing.assert_allclose(unordered[name], ordered[name], atol=1e-12, rtol=0, equal_nan=True)
+    for name in ("layer", "neuron"):
+        np.testing.assert_array_equal(unordered[name], ordered[name])
+    np.testing.assert_allclose(view.correlations(), _reference_rho(xb, xa), atol=1e-5, rtol=0)
+    # and the forward direction is the accumulator itself
+    np.testing.assert_allclose(_ordered_results(forward, covariances_b, 7)["max"],
+                               max_correlations(_reference_rho(xa, xb))[0], atol=1e-5, rtol=0, equal_nan=True)
 
 
 def test_state_round_trip_continues_identically(activations, tmp_path) -> None:

@@ -291,6 +291,46 @@ def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return np.clip(ratio, -1.0, 1.0, out=ratio)
 
 
+class TransposedView:
+    """The other direction of an unordered pair's accumulator: B's neurons as rows against A's layers.
+
+    One accumulator of X_A^T X_B holds both directions (rho is symmetric). This view answers what an
+    accumulator of the ordered pair (B, A) would: the same float64 numbers transposed (the float32 GEMM
+    of the transposed product is the same sums, bit for bit on the CPU), so max_correlations and
+    rotated_baseline_max give B's maxima over A and B's baseline with A's layers rotated.
+    layer_sizes_a / a_layers: the accumulator's A columns as whole layers (their global indices).
+    """
+
+    def __init__(self, accumulator: CorrelationAccumulator, layer_sizes_a: Sequence[int],
+                 a_layers: Sequence[int]) -> None:
+        if sum(layer_sizes_a) != accumulator.n_a or len(layer_sizes_a) != len(a_layers):
+            raise ValueError(f"A's layers {list(layer_sizes_a)} do not cover the accumulator's {accumulator.n_a} rows")
+        self.source = accumulator
+        self.n_a, self.n = accumulator.n_b, accumulator.n
+        self.layer_sizes_b, self.b_layers = [int(d) for d in layer_sizes_a], [int(l) for l in a_layers]
+        self.track_gram = False
+
+    def variances_a(self) -> np.ndarray:
+        return self.source.variances_b()
+
+    def variances_b(self) -> np.ndarray:
+        return self.source.variances_a()
+
+    def cross_covariance(self, rows: slice = slice(None), columns: slice = slice(None)) -> np.ndarray:
+        return self.source.cross_covariance(columns, rows).T
+
+    def correlations(self, rows: slice = slice(None)) -> np.ndarray:
+        covariance = self.cross_covariance(rows)
+        scale = np.sqrt(np.outer(self.variances_a()[rows], self.variances_b()))
+        return _safe_ratio(covariance, scale)
+
+    def locate(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return CorrelationAccumulator.locate(self, columns)  # type: ignore[arg-type]  # uses the layer fields only
+
+    def layer_covariance(self, index: int) -> np.ndarray:
+        raise ValueError("the transposed view has no Gram matrices of A: pass layer_covariances")
+
+
 # -- maxima ----------------------------------------------------------------------------------
 def _row_maxima(rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row max ignoring NaN columns; a row with no finite value gives (NaN, -1)."""
@@ -302,18 +342,19 @@ def _row_maxima(rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def max_correlations(
-    source: Union[np.ndarray, CorrelationAccumulator], chunk_rows: int = 1024
+    source: Union[np.ndarray, CorrelationAccumulator, TransposedView], chunk_rows: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
     """(max_corr [n_a], partner column [n_a]) over B's neurons; computed in row chunks.
 
     NaN columns (zero-variance B neurons) are ignored; a zero-variance A neuron gets NaN (never
     0) and partner -1.
     """
-    n_rows = source.n_a if isinstance(source, CorrelationAccumulator) else source.shape[0]
+    statistics = not isinstance(source, np.ndarray)
+    n_rows = source.n_a if statistics else source.shape[0]
     parts = []
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, start + chunk_rows)
-        block = source.correlations(rows) if isinstance(source, CorrelationAccumulator) else np.asarray(source[rows], dtype=np.float64)
+        block = source.correlations(rows) if statistics else np.asarray(source[rows], dtype=np.float64)
         parts.append(_row_maxima(block))
     if not parts:
         return np.zeros(0), np.zeros(0, dtype=np.int64)
@@ -406,44 +447,32 @@ def rotated_baseline_max(
 
 
 # -- sharding --------------------------------------------------------------------------------
-def memory_blocks(
-    n_a: int, layer_sizes_b: Sequence[int], budget_bytes: int, track_gram: bool = True
-) -> list[tuple[slice, range]]:
-    """Split (A neurons) x (B layers) into blocks whose accumulators fit in budget_bytes.
-
-    Whole B layers are kept together (the rotation baseline needs them). All of A stays in one
-    block when a layer fits next to it, so each Gram matrix is computed once; otherwise A is cut
-    into equal slices. Blocks are listed B-layer group by group, A slices inside.
-    """
-    sizes = [int(d) for d in layer_sizes_b]
+def pair_block_bytes(n_a_layers: int, d_a: int, n_b_layers: int, d_b: int) -> int:
+    """What one block of an unordered pair holds: the accumulator of A's layers x B's layers (no Gram
+    matrices) and the covariance accumulators of both layer groups (the baselines of both directions)."""
     estimate = CorrelationAccumulator.estimate_bytes
-    widest = max(sizes, default=0)
-    if estimate(1, [widest], track_gram) > budget_bytes:
+    return (estimate(n_a_layers * d_a, [d_b] * n_b_layers, track_gram=False)
+            + estimate(0, [d_a] * n_a_layers) + estimate(0, [d_b] * n_b_layers))
+
+
+def layer_grid(n_layers_a: int, d_a: int, n_layers_b: int, d_b: int, budget_bytes: int) -> list[tuple[range, range]]:
+    """Split an unordered pair (A's layers x B's layers) into blocks of whole layers on both sides that fit
+    budget_bytes with their covariances: the fewest groups of equal size (both directions' baselines
+    rotate whole layers). Listed A group by A group, B groups inside."""
+    if pair_block_bytes(1, d_a, 1, d_b) > budget_bytes:
         raise AtlasError(
-            f"memory budget of {budget_bytes} bytes cannot hold one B layer of {widest} neurons; "
-            f"raise the budget to at least {estimate(1, [widest], track_gram)} bytes"
+            f"memory budget of {budget_bytes} bytes cannot hold one layer ({d_a} neurons) against one layer "
+            f"({d_b}); raise the budget to at least {pair_block_bytes(1, d_a, 1, d_b)} bytes"
         )
-    a_slices = _equal_slices(n_a, _largest_a_slice(n_a, widest, budget_bytes, track_gram))
-    a_slice_size = max(s.stop - s.start for s in a_slices)
-    groups: list[range] = []
-    start = 0
-    for stop in range(1, len(sizes) + 1):
-        if estimate(a_slice_size, sizes[start:stop], track_gram) > budget_bytes:
-            groups.append(range(start, stop - 1))
-            start = stop - 1
-    if sizes:
-        groups.append(range(start, len(sizes)))
-    return [(a_slice, group) for group in groups for a_slice in a_slices]
+    widest = max(n_layers_a, n_layers_b)
+    per_group = max(g for g in range(1, widest + 1)
+                    if pair_block_bytes(min(g, n_layers_a), d_a, min(g, n_layers_b), d_b) <= budget_bytes)
+    groups_a = _equal_ranges(n_layers_a, per_group)
+    groups_b = _equal_ranges(n_layers_b, per_group)
+    return [(group_a, group_b) for group_a in groups_a for group_b in groups_b]
 
 
-def _largest_a_slice(n_a: int, layer_size: int, budget_bytes: int, track_gram: bool) -> int:
-    """The most A neurons that fit in one block next to one B layer (estimate_bytes is linear in n_a)."""
-    fixed = CorrelationAccumulator.estimate_bytes(0, [layer_size], track_gram)
-    per_neuron = CorrelationAccumulator.estimate_bytes(1, [layer_size], track_gram) - fixed
-    return max(1, min(n_a, (budget_bytes - fixed) // per_neuron))
-
-
-def _equal_slices(total: int, max_size: int) -> list[slice]:
+def _equal_ranges(total: int, max_size: int) -> list[range]:
     count = max(1, -(-total // max(max_size, 1)))
     bounds = np.linspace(0, total, count + 1).round().astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
