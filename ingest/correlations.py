@@ -19,38 +19,31 @@ budget together: within a pass every model runs once per batch, whatever the num
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Mapping
+from typing import Annotated
 
 import numpy as np
-import torch
 from sqlalchemy.orm import Session
 
 from atlas.devices import resolve_device
-from atlas.data.cache import cache_dir, stable_hash
 from atlas.errors import AtlasError
-from atlas.metrics.correlation import (
-    CorrelationAccumulator,
-    TransposedView,
-    combine_maxima,
-    layer_grid,
-    max_correlations,
-    rotated_baseline_max,
-)
 from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_models, verified_weights_hash
 from atlas.store import Store
 from atlas.store.schema import Dataset, Model, NeuronCorrelation
+from ingest.correlation_consumer import CorrelationConsumer
+from ingest.correlation_plan import KIND, Block, gram_bytes, pack_passes, pair_blocks, pair_key, same_step_pairs
+from ingest.correlation_shards import SHARD_FORMAT, RunContext, combine_blocks, load_shard, save_shard, shard_path
 from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
-from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
+from ingest.family_pass import Checkpoint, PassModel, run_family_pass
 from ingest.options import RUN_OPTION, TARGET, DatasetName, Overwrite
 from ingest.progress import show_result
 from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_unit, run_units, science_config
 
-KIND = "correlations"
-SHARD_FORMAT = 2  # 2: blocks of whole layers on both sides, both directions
+# The plan, the consumer and the shards live in their own modules; their names stay importable from here.
+__all__ = ["KIND", "Block", "CorrelationConsumer", "CorrelationsConfig", "gram_bytes", "pack_passes", "pair_blocks",
+           "parse_bytes", "run", "same_step_pairs"]
+
 log = logging.getLogger(__name__)
 
 
@@ -121,258 +114,6 @@ def _check_family(models: list[Model], family: str) -> None:
         raise AtlasError(f"family {family!r} has no two seeds at the same step ({', '.join(m.name for m in models)}): "
                          f"register the other seeds at the same --step")
     require_shared_tokenizer(models)
-
-
-def same_step_pairs(models: list[Model]) -> list[tuple[Model, Model]]:
-    """Unordered pairs {A, B} (A the lower id) of different seeds at the same training step: checkpoints
-    are compared step by step; a model without a step pairs with the others without one. One
-    accumulator per pair gives both directions, so k seeds need k(k-1)/2 of them."""
-    return [(a, b) for a in models for b in models if a.id < b.id and a.step == b.step]
-
-
-# -- planning -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Block:
-    """One unit of work: A's whole layers [a_start, a_stop) against B's whole layers [b_start, b_stop).
-
-    Its accumulator gives both directions: A's neurons against these B layers (rows) and B's against
-    these A layers (columns)."""
-
-    key: JobKey
-    a_id: int
-    b_id: int
-    a_start: int
-    a_stop: int
-    a_d_mlp: int
-    b_start: int
-    b_stop: int
-    b_d_mlp: int
-    sharded: bool  # False: the block is the whole pair and writes its rows directly
-
-    @property
-    def a_columns(self) -> slice:
-        return slice(self.a_start * self.a_d_mlp, self.a_stop * self.a_d_mlp)
-
-    @property
-    def b_columns(self) -> slice:
-        return slice(self.b_start * self.b_d_mlp, self.b_stop * self.b_d_mlp)
-
-    @property
-    def a_layer_sizes(self) -> list[int]:
-        return [self.a_d_mlp] * (self.a_stop - self.a_start)
-
-    @property
-    def b_layer_sizes(self) -> list[int]:
-        return [self.b_d_mlp] * (self.b_stop - self.b_start)
-
-    @property
-    def a_gram_key(self) -> tuple[int, int, int]:
-        return self.a_id, self.a_start, self.a_stop
-
-    @property
-    def b_gram_key(self) -> tuple[int, int, int]:
-        return self.b_id, self.b_start, self.b_stop
-
-    def gram_sizes(self) -> dict[tuple[int, int, int], list[int]]:
-        return {self.a_gram_key: self.a_layer_sizes, self.b_gram_key: self.b_layer_sizes}
-
-    def accumulator_bytes(self) -> int:
-        return CorrelationAccumulator.estimate_bytes(self.a_stop * self.a_d_mlp - self.a_start * self.a_d_mlp,
-                                                     self.b_layer_sizes, track_gram=False)
-
-
-def gram_bytes(layer_sizes: list[int]) -> int:
-    return CorrelationAccumulator.estimate_bytes(0, layer_sizes, track_gram=True)
-
-
-def pair_key(a: Model, b: Model, dataset_id: int) -> JobKey:
-    return JobKey(KIND, model_id=a.id, dataset_id=dataset_id, other_model_id=b.id)
-
-
-def pair_blocks(a: Model, b: Model, dataset_id: int, budget: int) -> list[Block]:
-    """The pair as one block when it fits the budget (with both sides' layer covariances), else its shards."""
-    grid = layer_grid(a.n_layers, a.d_mlp, b.n_layers, b.d_mlp, budget)
-    sharded = len(grid) > 1
-    blocks = []
-    for a_layers, b_layers in grid:
-        shard = f"a{a_layers.start}:{a_layers.stop}/b{b_layers.start}:{b_layers.stop}" if sharded else None
-        key = JobKey(KIND, model_id=a.id, dataset_id=dataset_id, other_model_id=b.id, shard=shard)
-        blocks.append(Block(key, a.id, b.id, a_layers.start, a_layers.stop, a.d_mlp,
-                            b_layers.start, b_layers.stop, b.d_mlp, sharded))
-    return blocks
-
-
-def pack_passes(blocks: list[Block], budget: int) -> list[list[Block]]:
-    """Greedy packing of blocks into passes whose accumulators and layer covariances fit the budget together
-    (a covariance shared by several blocks of a pass counts once).
-
-    Each block fits alone (layer_grid counted both sides' covariances), so every pass gets one."""
-    passes: list[list[Block]] = []
-    current: list[Block] = []
-    used, grams = 0, set()
-
-    def extra_bytes(block: Block, held: set) -> int:
-        new = {key: sizes for key, sizes in block.gram_sizes().items() if key not in held}
-        return block.accumulator_bytes() + sum(gram_bytes(sizes) for sizes in new.values())
-
-    for block in blocks:
-        extra = extra_bytes(block, grams)
-        if current and used + extra > budget:
-            passes.append(current)
-            current, used, grams = [], 0, set()
-            extra = extra_bytes(block, grams)
-        current.append(block)
-        used += extra
-        grams.update(block.gram_sizes())
-    if current:
-        passes.append(current)
-    return passes
-
-
-# -- accumulating -------------------------------------------------------------------------------
-
-class CorrelationConsumer:
-    """A family-pass consumer: one accumulator per block (no Gram matrices) and one covariance accumulator
-    per layer group of a model (a CorrelationAccumulator with no A neurons), shared by the blocks."""
-
-    def __init__(self, blocks: list[Block], device: str | torch.device = "cpu") -> None:
-        self.blocks = blocks
-        self.device = torch.device(device)  # every accumulator lives beside the activations
-        self.pairs = [self._pair_accumulator(block) for block in blocks]
-        self._gram_columns: dict[tuple[int, int, int], slice] = {}
-        self.grams: dict[tuple[int, int, int], CorrelationAccumulator] = {}
-        for block in blocks:
-            for key, columns, sizes in ((block.a_gram_key, block.a_columns, block.a_layer_sizes),
-                                        (block.b_gram_key, block.b_columns, block.b_layer_sizes)):
-                if key not in self.grams:
-                    self._gram_columns[key] = columns
-                    self.grams[key] = CorrelationAccumulator(0, sizes, b_layers=range(key[1], key[2]),
-                                                             track_gram=True, device=self.device)
-
-    def _pair_accumulator(self, block: Block) -> CorrelationAccumulator:
-        return CorrelationAccumulator(block.a_columns.stop - block.a_columns.start, block.b_layer_sizes,
-                                      b_layers=range(block.b_start, block.b_stop), track_gram=False, device=self.device)
-
-    def consume(self, step: PassBatch) -> None:
-        for block, accumulator in zip(self.blocks, self.pairs):
-            accumulator.update(step.activations[block.a_id][:, block.a_columns],
-                               step.activations[block.b_id][:, block.b_columns])
-        for gram_key, accumulator in self.grams.items():
-            x = step.activations[gram_key[0]][:, self._gram_columns[gram_key]]
-            accumulator.update(x[:, :0], x)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        state: dict[str, np.ndarray] = {}
-        for index, accumulator in enumerate(self.pairs):
-            state.update({f"pair{index}/{k}": v for k, v in accumulator.state_dict().items()})
-        for index, accumulator in enumerate(self.grams.values()):
-            state.update({f"gram{index}/{k}": v for k, v in accumulator.state_dict().items()})
-        return state
-
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        def part(prefix: str) -> dict[str, np.ndarray]:
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-        self.pairs = [CorrelationAccumulator.from_state_dict(part(f"pair{i}/"), self.device)
-                      for i in range(len(self.pairs))]
-        self.grams = {key: CorrelationAccumulator.from_state_dict(part(f"gram{i}/"), self.device)
-                      for i, key in enumerate(self.grams)}
-
-    def results(self, baseline_seed: int) -> dict[JobKey, dict[str, np.ndarray]]:
-        """Per block, both directions: a_* for A's neurons against B's layers, b_* for B's against A's
-        (max_corr, partner_layer / partner_neuron (-1: none), baseline_max_corr per neuron)."""
-        results = {}
-        for block, accumulator in zip(self.blocks, self.pairs):
-            if accumulator.n == 0:
-                raise AtlasError("the dataset holds no token positions for statistics (only special tokens?): "
-                                 "register a dataset with more text")
-            transposed = TransposedView(accumulator, block.a_layer_sizes, range(block.a_start, block.a_stop))
-            results[block.key] = {
-                **self._direction("a", accumulator, self.grams[block.b_gram_key], baseline_seed),
-                **self._direction("b", transposed, self.grams[block.a_gram_key], baseline_seed),
-            }
-        return results
-
-    @staticmethod
-    def _direction(side: str, rows_against_columns, other_gram: CorrelationAccumulator,
-                   baseline_seed: int) -> dict[str, np.ndarray]:
-        """The rows' maxima over the columns' neurons, their partners, and the baseline with the columns'
-        layers rotated (their covariances measured once per layer group)."""
-        covariances = [other_gram.layer_covariance(i) for i in range(len(other_gram.layer_sizes_b))]
-        best, column = max_correlations(rows_against_columns)
-        partner_layer, partner_neuron = rows_against_columns.locate(column)
-        baseline, _ = rotated_baseline_max(rows_against_columns, baseline_seed, layer_covariances=covariances)
-        return {f"{side}_max_corr": best, f"{side}_partner_layer": partner_layer,
-                f"{side}_partner_neuron": partner_neuron, f"{side}_baseline_max_corr": baseline}
-
-
-# -- shards: per-block maxima kept in the cache until their pair is complete --------------------------
-
-@dataclass
-class RunContext:
-    """What every unit of one run shares."""
-
-    config: CorrelationsConfig
-    dataset: Dataset
-    models: dict[int, Model]
-    config_hash: str
-    store: Store  # where a job records a weights hash the registry lacks
-
-
-def shard_path(block: Block, context: RunContext) -> Path:
-    a, b = context.models[block.a_id], context.models[block.b_id]
-    name = stable_hash({
-        "format": SHARD_FORMAT, "config": context.config_hash, "shard": block.key.shard,
-        "a": (a.id, a.source, a.revision), "b": (b.id, b.source, b.revision),
-        "dataset": (context.dataset.id, context.dataset.content_hash),
-    })
-    return cache_dir("correlation-shards") / f"{name}.npz"
-
-
-def save_shard(block: Block, result: dict[str, np.ndarray], job_id: int, context: RunContext) -> None:
-    path = shard_path(block, context)
-    staging = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    with open(staging, "wb") as handle:
-        np.savez(handle, job_id=np.array(job_id, dtype=np.int64), **result)
-    os.replace(staging, path)
-
-
-def load_shard(block: Block, job_id: int, context: RunContext) -> dict[str, np.ndarray] | None:
-    """The block's saved maxima, or None when the file is missing or belongs to another job."""
-    path = shard_path(block, context)
-    if not path.exists():
-        return None
-    with np.load(path) as saved:
-        if int(saved["job_id"]) != job_id:
-            return None
-        return {name: saved[name] for name in saved.files if name != "job_id"}
-
-
-def combine_blocks(parts: list[tuple[Block, dict[str, np.ndarray]]], a: Model, b: Model) -> dict[str, np.ndarray]:
-    """A pair's per-neuron results from its blocks, both directions: each side's best over the other side's
-    layer groups (the earlier group wins ties, as the first column does in one block)."""
-    combined = {}
-    for side, own, model in (("a", lambda blk: (blk.a_start, blk.a_stop, blk.a_d_mlp), a),
-                             ("b", lambda blk: (blk.b_start, blk.b_stop, blk.b_d_mlp), b)):
-        other_start = (lambda blk: blk.b_start) if side == "a" else (lambda blk: blk.a_start)
-        n = model.n_layers * model.d_mlp
-        out = {f"{side}_max_corr": np.full(n, np.nan), f"{side}_baseline_max_corr": np.full(n, np.nan),
-               f"{side}_partner_layer": np.full(n, -1, dtype=np.int64),
-               f"{side}_partner_neuron": np.full(n, -1, dtype=np.int64)}
-        groups: dict[tuple[int, int, int], list[dict[str, np.ndarray]]] = {}
-        for block, result in sorted(parts, key=lambda part: (own(part[0]), other_start(part[0]))):
-            groups.setdefault(own(block), []).append(result)
-        for (start, stop, d_mlp), results in groups.items():
-            neurons = slice(start * d_mlp, stop * d_mlp)
-            best, layer, neuron = combine_maxima([r[f"{side}_max_corr"] for r in results],
-                                                 [r[f"{side}_partner_layer"] for r in results],
-                                                 [r[f"{side}_partner_neuron"] for r in results])
-            (baseline,) = combine_maxima([r[f"{side}_baseline_max_corr"] for r in results])
-            out[f"{side}_max_corr"][neurons], out[f"{side}_baseline_max_corr"][neurons] = best, baseline
-            out[f"{side}_partner_layer"][neurons], out[f"{side}_partner_neuron"][neurons] = layer, neuron
-        combined.update(out)
-    return combined
 
 
 # -- writing --------------------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""The correlations job's consumer of a family pass: the block accumulators and the layer covariances,
+on the job's device, and both directions' maxima and baselines at the end."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from atlas.errors import AtlasError
+from atlas.metrics.correlation import CorrelationAccumulator, TransposedView, max_correlations, rotated_baseline_max
+from ingest.correlation_plan import Block
+from ingest.family_pass import PassBatch
+from ingest.runner import JobKey
+
+
+class CorrelationConsumer:
+    """A family-pass consumer: one accumulator per block (no Gram matrices) and one covariance accumulator
+    per layer group of a model (a CorrelationAccumulator with no A neurons), shared by the blocks."""
+
+    def __init__(self, blocks: list[Block], device: str | torch.device = "cpu") -> None:
+        self.blocks = blocks
+        self.device = torch.device(device)  # every accumulator lives beside the activations
+        self.pairs = [self._pair_accumulator(block) for block in blocks]
+        self._gram_columns: dict[tuple[int, int, int], slice] = {}
+        self.grams: dict[tuple[int, int, int], CorrelationAccumulator] = {}
+        for block in blocks:
+            for key, columns, sizes in ((block.a_gram_key, block.a_columns, block.a_layer_sizes),
+                                        (block.b_gram_key, block.b_columns, block.b_layer_sizes)):
+                if key not in self.grams:
+                    self._gram_columns[key] = columns
+                    self.grams[key] = CorrelationAccumulator(0, sizes, b_layers=range(key[1], key[2]),
+                                                             track_gram=True, device=self.device)
+
+    def _pair_accumulator(self, block: Block) -> CorrelationAccumulator:
+        return CorrelationAccumulator(block.a_columns.stop - block.a_columns.start, block.b_layer_sizes,
+                                      b_layers=range(block.b_start, block.b_stop), track_gram=False, device=self.device)
+
+    def consume(self, step: PassBatch) -> None:
+        for block, accumulator in zip(self.blocks, self.pairs):
+            accumulator.update(step.activations[block.a_id][:, block.a_columns],
+                               step.activations[block.b_id][:, block.b_columns])
+        for gram_key, accumulator in self.grams.items():
+            x = step.activations[gram_key[0]][:, self._gram_columns[gram_key]]
+            accumulator.update(x[:, :0], x)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state: dict[str, np.ndarray] = {}
+        for index, accumulator in enumerate(self.pairs):
+            state.update({f"pair{index}/{k}": v for k, v in accumulator.state_dict().items()})
+        for index, accumulator in enumerate(self.grams.values()):
+            state.update({f"gram{index}/{k}": v for k, v in accumulator.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+        self.pairs = [CorrelationAccumulator.from_state_dict(part(f"pair{i}/"), self.device)
+                      for i in range(len(self.pairs))]
+        self.grams = {key: CorrelationAccumulator.from_state_dict(part(f"gram{i}/"), self.device)
+                      for i, key in enumerate(self.grams)}
+
+    def results(self, baseline_seed: int) -> dict[JobKey, dict[str, np.ndarray]]:
+        """Per block, both directions: a_* for A's neurons against B's layers, b_* for B's against A's
+        (max_corr, partner_layer / partner_neuron (-1: none), baseline_max_corr per neuron)."""
+        results = {}
+        for block, accumulator in zip(self.blocks, self.pairs):
+            if accumulator.n == 0:
+                raise AtlasError("the dataset holds no token positions for statistics (only special tokens?): "
+                                 "register a dataset with more text")
+            transposed = TransposedView(accumulator, block.a_layer_sizes, range(block.a_start, block.a_stop))
+            results[block.key] = {
+                **self._direction("a", accumulator, self.grams[block.b_gram_key], baseline_seed),
+                **self._direction("b", transposed, self.grams[block.a_gram_key], baseline_seed),
+            }
+        return results
+
+    @staticmethod
+    def _direction(side: str, rows_against_columns, other_gram: CorrelationAccumulator,
+                   baseline_seed: int) -> dict[str, np.ndarray]:
+        """The rows' maxima over the columns' neurons, their partners, and the baseline with the columns'
+        layers rotated (their covariances measured once per layer group)."""
+        covariances = [other_gram.layer_covariance(i) for i in range(len(other_gram.layer_sizes_b))]
+        best, column = max_correlations(rows_against_columns)
+        partner_layer, partner_neuron = rows_against_columns.locate(column)
+        baseline, _ = rotated_baseline_max(rows_against_columns, baseline_seed, layer_covariances=covariances)
+        return {f"{side}_max_corr": best, f"{side}_partner_layer": partner_layer,
+                f"{side}_partner_neuron": partner_neuron, f"{side}_baseline_max_corr": baseline}
