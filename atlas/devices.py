@@ -1,4 +1,4 @@
-"""Which torch device a job runs on: `--device auto` picks cuda, then mps, then the CPU."""
+"""Which torch device a job runs on (`--device auto` picks cuda, then mps, then the CPU), and in which dtype."""
 
 from __future__ import annotations
 
@@ -34,3 +34,13 @@ def resolve_device(name: str) -> torch.device:
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dtype(name: str) -> torch.dtype:
+    """--dtype float32|bfloat16|float16 -> the torch dtype the model is loaded in."""
+    if name not in DTYPES:
+        raise AtlasError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]

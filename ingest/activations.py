@@ -11,13 +11,13 @@ are left out of statistics and examples unless --no-exclude-special-tokens; the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
-from atlas.devices import resolve_device
+from atlas.devices import model_dtype, resolve_device
 from atlas.data import TokenizedDataset
 from atlas.errors import AtlasError
 from atlas.metrics.moments import StreamingMoments
@@ -27,7 +27,7 @@ from atlas.store import Store
 from atlas.store.schema import ActivationStat, Dataset, Model, TopExample
 from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
-from ingest.options import RUN_OPTION, DatasetName, FamilyName, ModelName, Overwrite
+from ingest.options import ADDED_OPTION, RUN_OPTION, DatasetName, FamilyName, ModelName, Overwrite
 from ingest.runner import JobKey, config_hash, replace_rows, run_units, science_config
 
 KIND = "activations"
@@ -52,6 +52,8 @@ class ActivationsConfig:
     """Leave special tokens (BOS/EOS/pad) out of statistics and examples."""
     batch_size: Annotated[int, RUN_OPTION] = 16
     """Rows (documents) per batch."""
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], ADDED_OPTION] = "float32"
+    """Dtype of the model's weights and forward pass (statistics are accumulated in float64 whatever it is)."""
     device: Annotated[str, RUN_OPTION] = "auto"
     """Torch device of the models and the accumulators: auto (cuda if available, else mps, else cpu),
     cpu, cuda, cuda:N or mps."""
@@ -140,7 +142,7 @@ def compute(models: list[Model], dataset: Dataset, config: ActivationsConfig, st
     to delete once the rows are committed."""
     from atlas.modeling import load_model
 
-    loaded = [PassModel(m.id, load_model(m.source, m.revision)) for m in models]
+    loaded = [PassModel(m.id, load_model(m.source, m.revision, dtype=model_dtype(config.dtype))) for m in models]
     weights = {m.id: verified_weights_hash(store, m, pass_model.loaded) for m, pass_model in zip(models, loaded)}
     device = resolve_device(config.device)
     for model in loaded:

@@ -30,12 +30,13 @@ class CorrelationConsumer:
                                         (block.b_gram_key, block.b_columns, block.b_layer_sizes)):
                 if key not in self.grams:
                     self._gram_columns[key] = columns
-                    self.grams[key] = CorrelationAccumulator(0, sizes, b_layers=range(key[1], key[2]),
-                                                             track_gram=True, device=self.device)
+                    self.grams[key] = CorrelationAccumulator(0, sizes, b_layers=range(key[1], key[2]), track_gram=True,
+                                                             device=self.device, precision=block.precision)
 
     def _pair_accumulator(self, block: Block) -> CorrelationAccumulator:
         return CorrelationAccumulator(block.a_columns.stop - block.a_columns.start, block.b_layer_sizes,
-                                      b_layers=range(block.b_start, block.b_stop), track_gram=False, device=self.device)
+                                      b_layers=range(block.b_start, block.b_stop), track_gram=False, device=self.device,
+                                      precision=block.precision)
 
     def consume(self, step: PassBatch) -> None:
         for block, accumulator in zip(self.blocks, self.pairs):

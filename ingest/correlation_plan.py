@@ -42,6 +42,7 @@ class Block:
     b_stop: int
     b_d_mlp: int
     sharded: bool  # False: the block is the whole pair and writes its rows directly
+    precision: str = "float32"  # of the per-batch product (the accumulators' buffers follow it)
 
     @property
     def a_columns(self) -> slice:
@@ -72,27 +73,27 @@ class Block:
 
     def accumulator_bytes(self) -> int:
         return CorrelationAccumulator.estimate_bytes(self.a_stop * self.a_d_mlp - self.a_start * self.a_d_mlp,
-                                                     self.b_layer_sizes, track_gram=False)
+                                                     self.b_layer_sizes, track_gram=False, precision=self.precision)
 
 
-def gram_bytes(layer_sizes: list[int]) -> int:
-    return CorrelationAccumulator.estimate_bytes(0, layer_sizes, track_gram=True)
+def gram_bytes(layer_sizes: list[int], precision: str = "float32") -> int:
+    return CorrelationAccumulator.estimate_bytes(0, layer_sizes, track_gram=True, precision=precision)
 
 
 def pair_key(a: Model, b: Model, dataset_id: int) -> JobKey:
     return JobKey(KIND, model_id=a.id, dataset_id=dataset_id, other_model_id=b.id)
 
 
-def pair_blocks(a: Model, b: Model, dataset_id: int, budget: int) -> list[Block]:
+def pair_blocks(a: Model, b: Model, dataset_id: int, budget: int, precision: str = "float32") -> list[Block]:
     """The pair as one block when it fits the budget (with both sides' layer covariances), else its shards."""
-    grid = layer_grid(a.n_layers, a.d_mlp, b.n_layers, b.d_mlp, budget)
+    grid = layer_grid(a.n_layers, a.d_mlp, b.n_layers, b.d_mlp, budget, precision)
     sharded = len(grid) > 1
     blocks = []
     for a_layers, b_layers in grid:
         shard = f"a{a_layers.start}:{a_layers.stop}/b{b_layers.start}:{b_layers.stop}" if sharded else None
         key = JobKey(KIND, model_id=a.id, dataset_id=dataset_id, other_model_id=b.id, shard=shard)
         blocks.append(Block(key, a.id, b.id, a_layers.start, a_layers.stop, a.d_mlp,
-                            b_layers.start, b_layers.stop, b.d_mlp, sharded))
+                            b_layers.start, b_layers.stop, b.d_mlp, sharded, precision))
     return blocks
 
 
@@ -107,7 +108,7 @@ def pack_passes(blocks: list[Block], budget: int) -> list[list[Block]]:
 
     def extra_bytes(block: Block, held: set) -> int:
         new = {key: sizes for key, sizes in block.gram_sizes().items() if key not in held}
-        return block.accumulator_bytes() + sum(gram_bytes(sizes) for sizes in new.values())
+        return block.accumulator_bytes() + sum(gram_bytes(sizes, block.precision) for sizes in new.values())
 
     for block in blocks:
         extra = extra_bytes(block, grams)

@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from sqlalchemy.orm import Session
 
-from atlas.devices import resolve_device
+from atlas.devices import model_dtype, resolve_device
 from atlas.errors import AtlasError
+from atlas.metrics.correlation import PRECISIONS
 from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_models, verified_weights_hash
 from atlas.store import Store
 from atlas.store.schema import Dataset, Model, NeuronCorrelation
@@ -36,7 +37,7 @@ from ingest.correlation_plan import KIND, Block, gram_bytes, pack_passes, pair_b
 from ingest.correlation_shards import SHARD_FORMAT, RunContext, combine_blocks, load_shard, save_shard, shard_path
 from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassModel, run_family_pass
-from ingest.options import RUN_OPTION, TARGET, DatasetName, Overwrite
+from ingest.options import ADDED_OPTION, RUN_OPTION, TARGET, DatasetName, Overwrite
 from ingest.progress import show_result
 from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_unit, run_units, science_config
 
@@ -62,11 +63,17 @@ class CorrelationsConfig:
     """A neuron is universal when its excess correlation exceeds this."""
     exclude_special_tokens: bool = True
     """Leave special tokens (BOS/EOS/pad) out of the statistics."""
+    precision: Annotated[Literal["float64", "float32", "tf32", "bfloat16"], ADDED_OPTION] = "float32"
+    """Precision of the per-batch product of shifted activations, accumulated in float64 whatever it is:
+    float64, float32, tf32 (TensorFloat-32 on CUDA; float32 elsewhere) or bfloat16. The README's table
+    gives what each costs in max_corr against float64."""
     memory_budget: Annotated[str, RUN_OPTION] = "4GiB"
     """Memory for the accumulators of one pass (e.g. 512MiB, 4GiB, 80GB); pairs that do not fit are split into
     shards."""
     batch_size: Annotated[int, RUN_OPTION] = 16
     """Rows (documents) per batch."""
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], ADDED_OPTION] = "float32"
+    """Dtype of the model's weights and forward pass (statistics are accumulated in float64 whatever it is)."""
     device: Annotated[str, RUN_OPTION] = "auto"
     """Torch device of the models and the accumulators: auto (cuda if available, else mps, else cpu),
     cpu, cuda, cuda:N or mps."""
@@ -100,6 +107,8 @@ def _check_options(config: CorrelationsConfig) -> int:
         raise AtlasError(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.tokens is not None and config.tokens < 1:
         raise AtlasError(f"--tokens must be at least 1, got {config.tokens}")
+    if config.precision not in PRECISIONS:
+        raise AtlasError(f"--precision {config.precision!r} is not one of {', '.join(PRECISIONS)}")
     budget = parse_bytes(config.memory_budget)
     if budget < 1:
         raise AtlasError(f"--memory-budget must be positive, got {config.memory_budget!r}")
@@ -166,7 +175,8 @@ def compute_pass(blocks: list[Block], context: RunContext) -> tuple[dict[JobKey,
 
     config, dataset = context.config, context.dataset
     model_ids = sorted({block.a_id for block in blocks} | {block.b_id for block in blocks})
-    loaded = [PassModel(i, load_model(context.models[i].source, context.models[i].revision)) for i in model_ids]
+    loaded = [PassModel(i, load_model(context.models[i].source, context.models[i].revision,
+                                        dtype=model_dtype(config.dtype))) for i in model_ids]
     weights = [(m.model_id, verified_weights_hash(context.store, context.models[m.model_id], m.loaded)) for m in loaded]
     device = resolve_device(config.device)
     for model in loaded:
@@ -234,7 +244,7 @@ def run(config: CorrelationsConfig, store: Store) -> None:
     with store.session() as session:
         pending = [(a, b) for a, b in pairs
                    if config.overwrite or find_done(session, pair_key(a, b, dataset.id), context.config_hash) is None]
-        blocks = {(a.id, b.id): pair_blocks(a, b, dataset.id, budget) for a, b in pending}
+        blocks = {(a.id, b.id): pair_blocks(a, b, dataset.id, budget, config.precision) for a, b in pending}
         to_compute = [block for pair_blocks_ in blocks.values() for block in _blocks_to_compute(session, pair_blocks_, context)]
     if len(pending) < len(pairs):
         log.info(f"skipped {len(pairs) - len(pending)} of {len(pairs)} seed pairs: already done "

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session
 
-from atlas.devices import resolve_device
+from atlas.devices import model_dtype, resolve_device
 from atlas.metrics.layers import MeanAccumulator, next_token_metrics
 from atlas.store import Store
 from atlas.store.schema import Dataset, LayerIntervention, Model
@@ -97,7 +97,7 @@ def rows(sums: MeanAccumulator, n_layers: int) -> dict[str, list[Any]]:
 def compute(model_row: Model, dataset: Dataset, config: InterventionsConfig) -> dict[str, list[Any]]:
     from atlas.modeling import load_model
 
-    loaded = load_model(model_row.source, model_row.revision)
+    loaded = load_model(model_row.source, model_row.revision, dtype=model_dtype(config.dtype))
     device = resolve_device(config.device)
     loaded.model.to(device)
     token_rows, n_rows = open_tokens(dataset, loaded, config.tokens)

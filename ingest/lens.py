@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session
 
-from atlas.devices import resolve_device
+from atlas.devices import model_dtype, resolve_device
 from atlas.metrics.layers import (PREVIOUS_TOKENS_WINDOW, MeanAccumulator, next_token_metrics,
                                   previous_token_attention, write_norms)
 from atlas.store import Store
@@ -91,7 +91,8 @@ def results(sums: MeanAccumulator, n_layers: int) -> LensResults:
 def compute(model_row: Model, dataset: Dataset, config: LensConfig) -> LensResults:
     from atlas.modeling import load_model
 
-    loaded = load_model(model_row.source, model_row.revision, attn_implementation="eager")
+    loaded = load_model(model_row.source, model_row.revision, dtype=model_dtype(config.dtype),
+                        attn_implementation="eager")
     device = resolve_device(config.device)
     loaded.model.to(device)
     token_rows, n_rows = open_tokens(dataset, loaded, config.tokens)

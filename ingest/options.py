@@ -4,6 +4,8 @@ ledger hashes them.
 A field's docstring is its --help text (the options every job shares carry theirs as a Doc in their
 type). Two markers in a field's type leave it out of the config hash:
 TARGET names what to run on; RUN_OPTION changes how, not what, is computed.
+A third, ADDED_OPTION, marks an option added after results existed whose default reproduces them: it
+enters the hash only when set to another value, so results already in a database stay done.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class HashMarker:
 
 TARGET = HashMarker("target")
 RUN_OPTION = HashMarker("run_option")
+ADDED_OPTION = HashMarker("added_option")
 
 ModelName = Annotated[str | None, TARGET, Doc("Run on this registered model (name from `atlas model list`).")]
 FamilyName = Annotated[str | None, TARGET, Doc("Run on every registered model of this family.")]
@@ -34,7 +37,21 @@ Overwrite = Annotated[bool, RUN_OPTION, Doc("Recompute and replace results that 
 
 @functools.cache
 def hashed_fields(config_cls: type) -> tuple[str, ...]:
-    """The fields that change results: those marked neither TARGET nor RUN_OPTION."""
+    """The fields that change results: those marked neither TARGET nor RUN_OPTION (ADDED_OPTION fields
+    count only where they differ from their default: see hashed_values)."""
     hints = typing.get_type_hints(config_cls, include_extras=True)
     return tuple(f.name for f in dataclasses.fields(config_cls)
-                 if not any(isinstance(meta, HashMarker) for meta in getattr(hints[f.name], "__metadata__", ())))
+                 if not ({TARGET, RUN_OPTION} & set(_markers(hints[f.name]))))
+
+
+def hashed_values(config: object) -> dict[str, object]:
+    """The config's values that change results, by field name, for the config hash."""
+    cls = type(config)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {name: getattr(config, name) for name in hashed_fields(cls)
+            if ADDED_OPTION not in _markers(hints[name]) or getattr(config, name) != defaults[name]}
+
+
+def _markers(hint: object) -> tuple[HashMarker, ...]:
+    return tuple(meta for meta in getattr(hint, "__metadata__", ()) if isinstance(meta, HashMarker))

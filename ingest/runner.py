@@ -35,7 +35,7 @@ from atlas import __version__
 from atlas.errors import AtlasError, first_line
 from atlas.store import Store, bulk_insert
 from atlas.store.schema import Dataset, Job, Model
-from ingest.options import hashed_fields
+from ingest.options import hashed_values
 from ingest.progress import show_result
 
 T = TypeVar("T")
@@ -65,8 +65,9 @@ def stale_after() -> float:
 
 
 def science_config(config: Any) -> dict[str, Any]:
-    """The options that change results: every dataclass field not marked as a target or a run option."""
-    return {name: getattr(config, name) for name in hashed_fields(type(config))}
+    """The options that change results: every dataclass field not marked as a target or a run option
+    (an added option only where it differs from its default)."""
+    return hashed_values(config)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

@@ -135,6 +135,21 @@ def test_moments_equal_scipy_on_concatenated_activations(store, family, batch_si
     assert all(c["exclude_special_tokens"] is True for c in recorded) and len(recorded) == 2
 
 
+def test_dtype_runs_the_model_in_bfloat16_and_is_recorded(store, family):
+    """--dtype bfloat16: the model's weights and forward pass in bfloat16 (statistics still float64): the
+    means move by bfloat16's rounding, not more, and the config says so."""
+    run(config(batch_size=7, dtype="bfloat16"), store)
+    tokens = tokens_of(store, family[0])
+    acts, _ = reference_activations(family[0], tokens, 7)
+    got = stored_stats(store, family[0])
+    scale = np.abs(acts).mean(axis=0) + acts.std(axis=0)
+    error = np.abs(got["mean"] - acts.mean(axis=0)) / scale
+    assert 1e-6 < error.max() < 5e-2  # bfloat16 really ran (float32 agrees to 1e-7), within its rounding
+    with store.session() as session:
+        recorded = session.scalars(select(Job.config).where(Job.kind == "activations")).all()
+    assert {c.get("dtype") for c in recorded} == {"bfloat16"}
+
+
 def test_top_examples_equal_brute_force_sort_with_contexts(store, family, documents, tiny_tokenizer_dir):
     batch_size = 7
     run(config(batch_size=batch_size), store)

@@ -209,6 +209,29 @@ def test_job_equals_float64_numpy_and_views_answer(store, seed_dirs, docs_file, 
     assert all(r.excess_corr == by_key[r.model_id, r.layer, r.neuron].excess_corr for r in atlas)
 
 
+# Each precision's documented bound on |max_corr - float64| (README, "Precision of the correlations");
+# tf32 is float32 on a CPU.
+PRECISION_BOUNDS = {"float64": 1e-9, "float32": 1e-5, "tf32": 1e-5, "bfloat16": 5e-3}
+
+
+@pytest.mark.parametrize("precision", list(PRECISION_BOUNDS))
+def test_every_precision_is_within_its_bound_of_float64(store, seed_dirs, docs_file, precision):
+    models = register_family(store, seed_dirs, docs_file)
+    run(config(baseline_seed=11, precision=precision), store)
+    with store.session() as session:
+        recorded = session.scalars(select(Job.config).where(Job.kind == "correlations")).all()
+    # at the default the option is left out of the hash, so results stored before it existed stay done
+    assert all(("precision" in c) == (precision != "float32") for c in recorded)
+    tokens = tokens_of(store, models[0])
+    acts = {m.id: hooked_activations(m, tokens) for m in models}
+    bound = PRECISION_BOUNDS[precision]
+    for a, b in [(a, b) for a in models for b in models if a.id != b.id]:
+        expected, got = reference_pair(acts[a.id], acts[b.id], a.d_mlp, seed=11), stored_pair(store, a, b)
+        for name in ("max_corr", "baseline_max_corr"):
+            assert np.array_equal(np.isnan(got[name]), np.isnan(expected[name])), name
+            np.testing.assert_allclose(got[name], expected[name], atol=bound, rtol=0, err_msg=name)
+
+
 def test_rotation_is_orthogonal_and_reproducible():
     rotation = random_orthogonal(96, (11, 2))
     np.testing.assert_allclose(rotation.T @ rotation, np.eye(96), atol=1e-12)

@@ -17,12 +17,19 @@ two-pass computation: the shifted data have |mean| of order std, so each float32
 the buffer rounds with a relative error of 6e-8 of a partial sum bounded (Cauchy-Schwarz) by
 sqrt(Sxx Syy); with the GEMM accumulating K-blocks of >= 64 tokens, flush_tokens = 16384 means at
 most a few hundred such roundings, whose random-walk sum stays near 1e-6 of sqrt(Sxx Syy).
+
+Precision of the per-batch product (accumulation is float64 whatever it is): float64 (the reference:
+the whole update in float64), float32 (the default), tf32 (float32 with CUDA's TensorFloat-32 matmul; on
+a CPU it is float32) or bfloat16 (the shifted activations rounded to bfloat16, multiplied with float32
+accumulation, as tensor cores do; on a CPU the rounded values are multiplied in float32, which gives
+the same products). bench/precision.py measures what each costs in max_corr against float64.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Union
 
 import numpy as np
@@ -32,6 +39,7 @@ from atlas.errors import AtlasError
 from atlas.metrics._arrays import ArrayLike, Device, accumulator_device, as_float32_tensor
 
 DEFAULT_FLUSH_TOKENS = 16384
+PRECISIONS = ("float64", "float32", "tf32", "bfloat16")
 # Rotations kept per process: one per (baseline seed, layer) of the widest family a job compares
 # (GPT-2 medium: 24 layers of 4096, 3.2 GB; smaller models far less).
 ROTATION_CACHE_SIZE = 48
@@ -60,7 +68,12 @@ class CorrelationAccumulator:
         track_gram: bool = True,
         flush_tokens: int = DEFAULT_FLUSH_TOKENS,
         device: Device = "cpu",
+        precision: str = "float32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+        self.work_dtype = torch.float64 if precision == "float64" else torch.float32
         self.device = accumulator_device(device)
         self.n_a = n_a
         self.layer_sizes_b = [int(size) for size in layer_sizes_b]
@@ -73,7 +86,7 @@ class CorrelationAccumulator:
         self.n = 0
         self.shift_a = None if shift_a is None else self._shift(shift_a, n_a, "shift_a", self.device)
         self.shift_b = None if shift_b is None else self._shift(shift_b, self.n_b, "shift_b", self.device)
-        f64, f32 = dict(dtype=torch.float64, device=self.device), dict(dtype=torch.float32, device=self.device)
+        f64, f32 = dict(dtype=torch.float64, device=self.device), dict(dtype=self.work_dtype, device=self.device)
         self.sum_a, self.sumsq_a = torch.zeros(n_a, **f64), torch.zeros(n_a, **f64)
         self.sum_b, self.sumsq_b = torch.zeros(self.n_b, **f64), torch.zeros(self.n_b, **f64)
         self.max_a, self.min_a = torch.full((n_a,), -np.inf, **f32), torch.full((n_a,), np.inf, **f32)
@@ -94,19 +107,24 @@ class CorrelationAccumulator:
         return shift.clone()
 
     @staticmethod
-    def estimate_bytes(n_a: int, layer_sizes_b: Sequence[int], track_gram: bool = True) -> int:
-        """Memory held by an accumulator: float64 sums + float32 pending buffers (12 bytes each).
+    def estimate_bytes(n_a: int, layer_sizes_b: Sequence[int], track_gram: bool = True,
+                       precision: str = "float32") -> int:
+        """Memory held by an accumulator: float64 sums + pending buffers of the product's precision
+        (12 bytes an entry; 16 for float64).
 
         Not included: the per-batch work buffers, about 4 * batch * (n_a + 2 * n_b) bytes, which
         scale with the caller's batch of activations."""
         n_b = sum(layer_sizes_b)
         matrices = n_a * n_b + (sum(d * d for d in layer_sizes_b) if track_gram else 0)
-        return 12 * matrices + 40 * (n_a + n_b)
+        return (16 if precision == "float64" else 12) * matrices + 40 * (n_a + n_b)
 
     # -- accumulation ----------------------------------------------------------------------
     def update(self, xa: ArrayLike, xb: ArrayLike) -> None:
         """Add one batch: xa [n, n_a] and xb [n, n_b] activations of the SAME n token positions."""
-        xa32, xb32 = as_float32_tensor(xa, self.device), as_float32_tensor(xb, self.device)
+        xa32 = xa.detach().to(self.device, self.work_dtype) if isinstance(xa, torch.Tensor) else \
+            torch.as_tensor(xa).to(self.device, self.work_dtype)
+        xb32 = xb.detach().to(self.device, self.work_dtype) if isinstance(xb, torch.Tensor) else \
+            torch.as_tensor(xb).to(self.device, self.work_dtype)
         if xa32.ndim != 2 or xb32.ndim != 2 or xa32.shape[0] != xb32.shape[0]:
             raise ValueError(f"xa {tuple(xa32.shape)} and xb {tuple(xb32.shape)} must be [n, features] with equal n")
         if xa32.shape[1] != self.n_a or xb32.shape[1] != self.n_b:
@@ -119,19 +137,21 @@ class CorrelationAccumulator:
             self.shift_b = xb32.mean(dim=0, dtype=torch.float64).float()
         # shifted copies in reused buffers (inputs untouched): fresh allocations of this size
         # cost page faults comparable to the vector work itself
-        ya = torch.sub(xa32, self.shift_a, out=self._scratch("ya", xa32.shape))
-        yb = torch.sub(xb32, self.shift_b, out=self._scratch("yb", xb32.shape))
+        shift_a, shift_b = self.shift_a.to(self.work_dtype), self.shift_b.to(self.work_dtype)
+        ya = torch.sub(xa32, shift_a, out=self._scratch("ya", xa32.shape))
+        yb = torch.sub(xb32, shift_b, out=self._scratch("yb", xb32.shape))
         squares = self._scratch("squares", (xa32.shape[0], max(self.n_a, self.n_b)))
         self._update_vectors(xa32, ya, squares, self.sum_a, self.sumsq_a, self.max_a, self.min_a)
         self._update_vectors(xb32, yb, squares, self.sum_b, self.sumsq_b, self.max_b, self.min_b)
         self._accumulate_products(ya, yb)
         self.n += xa32.shape[0]
 
-    def _scratch(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A float32 work buffer kept between updates (reallocated when the batch shape changes)."""
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.work_dtype
+        """A work buffer kept between updates (reallocated when the batch shape changes)."""
         buffer = self._buffers.get(name)
-        if buffer is None or buffer.shape != torch.Size(shape):
-            buffer = self._buffers[name] = torch.empty(shape, device=self.device)
+        if buffer is None or buffer.shape != torch.Size(shape) or buffer.dtype != dtype:
+            buffer = self._buffers[name] = torch.empty(shape, device=self.device, dtype=dtype)
         return buffer
 
     @staticmethod
@@ -143,20 +163,31 @@ class CorrelationAccumulator:
         torch.maximum(maximum, raw.amax(dim=0), out=maximum)  # raw values: exact constancy test
         torch.minimum(minimum, raw.amin(dim=0), out=minimum)
 
+    def _product_inputs(self, ya: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shifted activations as the product sees them: rounded to bfloat16 for that precision
+        (and widened back, exactly, so the products accumulate in float32 as on tensor cores)."""
+        if self.precision != "bfloat16":
+            return ya, yb
+        rounded_a = self._scratch("rounded_a", tuple(ya.shape)).copy_(ya.to(torch.bfloat16))
+        rounded_b = self._scratch("rounded_b", tuple(yb.shape)).copy_(yb.to(torch.bfloat16))
+        return rounded_a, rounded_b
+
     def _accumulate_products(self, ya: torch.Tensor, yb: torch.Tensor) -> None:
+        ya, yb = self._product_inputs(ya, yb)
         layers = self._layer_columns(yb)
         if self._pending_cross is None:
-            self._pending_cross = torch.empty(self.n_a, self.n_b, device=self.device)
-            self._pending_grams = ([torch.empty(d, d, device=self.device) for d in self.layer_sizes_b]
-                                   if self.track_gram else [])
-        if self._pending_tokens == 0:  # overwrite the stale buffer instead of zeroing it
-            torch.mm(ya.T, yb, out=self._pending_cross)
-            for pending, layer in zip(self._pending_grams, layers):
-                torch.mm(layer.T, layer, out=pending)
-        else:
-            self._pending_cross.addmm_(ya.T, yb)
-            for pending, layer in zip(self._pending_grams, layers):
-                pending.addmm_(layer.T, layer)
+            self._pending_cross = torch.empty(self.n_a, self.n_b, device=self.device, dtype=self.work_dtype)
+            self._pending_grams = ([torch.empty(d, d, device=self.device, dtype=self.work_dtype)
+                                    for d in self.layer_sizes_b] if self.track_gram else [])
+        with _tf32_matmul(self.precision == "tf32"):
+            if self._pending_tokens == 0:  # overwrite the stale buffer instead of zeroing it
+                torch.mm(ya.T, yb, out=self._pending_cross)
+                for pending, layer in zip(self._pending_grams, layers):
+                    torch.mm(layer.T, layer, out=pending)
+            else:
+                self._pending_cross.addmm_(ya.T, yb)
+                for pending, layer in zip(self._pending_grams, layers):
+                    pending.addmm_(layer.T, layer)
         self._pending_tokens += ya.shape[0]
         if self._pending_tokens >= self.flush_tokens:
             self.flush()
@@ -251,6 +282,7 @@ class CorrelationAccumulator:
             "b_layers": np.array(self.b_layers, dtype=np.int64),
             "track_gram": np.array(self.track_gram),
             "flush_tokens": np.array(self.flush_tokens, dtype=np.int64),
+            "precision": np.array(self.precision),
             "shift_a": empty if self.shift_a is None else host(self.shift_a),
             "shift_b": empty if self.shift_b is None else host(self.shift_b),
             "sum_a": host(self.sum_a), "sumsq_a": host(self.sumsq_a),
@@ -274,6 +306,7 @@ class CorrelationAccumulator:
             shift_a if shift_a.size else None, shift_b if shift_b.size else None,
             b_layers=[int(l) for l in state["b_layers"]],
             track_gram=bool(state["track_gram"]), flush_tokens=int(state["flush_tokens"]), device=device,
+            precision=str(state["precision"]) if "precision" in state else "float32",
         )
         accumulator.n = int(state["n"])
         for key in ("sum_a", "sumsq_a", "sum_b", "sumsq_b", "max_a", "min_a", "max_b", "min_b", "cross"):
@@ -282,6 +315,20 @@ class CorrelationAccumulator:
             flat = tensor("grams")
             accumulator.grams = [g.reshape(d, d) for g, d in zip(torch.split(flat, [d * d for d in layer_sizes]), layer_sizes)]
         return accumulator
+
+
+@contextlib.contextmanager
+def _tf32_matmul(enabled: bool) -> Iterator[None]:
+    """CUDA's TensorFloat-32 matmul for the products of one update (a process-wide flag, restored after)."""
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -447,26 +494,28 @@ def rotated_baseline_max(
 
 
 # -- sharding --------------------------------------------------------------------------------
-def pair_block_bytes(n_a_layers: int, d_a: int, n_b_layers: int, d_b: int) -> int:
+def pair_block_bytes(n_a_layers: int, d_a: int, n_b_layers: int, d_b: int, precision: str = "float32") -> int:
     """What one block of an unordered pair holds: the accumulator of A's layers x B's layers (no Gram
     matrices) and the covariance accumulators of both layer groups (the baselines of both directions)."""
-    estimate = CorrelationAccumulator.estimate_bytes
+    estimate = functools.partial(CorrelationAccumulator.estimate_bytes, precision=precision)
     return (estimate(n_a_layers * d_a, [d_b] * n_b_layers, track_gram=False)
             + estimate(0, [d_a] * n_a_layers) + estimate(0, [d_b] * n_b_layers))
 
 
-def layer_grid(n_layers_a: int, d_a: int, n_layers_b: int, d_b: int, budget_bytes: int) -> list[tuple[range, range]]:
+def layer_grid(n_layers_a: int, d_a: int, n_layers_b: int, d_b: int, budget_bytes: int,
+               precision: str = "float32") -> list[tuple[range, range]]:
     """Split an unordered pair (A's layers x B's layers) into blocks of whole layers on both sides that fit
     budget_bytes with their covariances: the fewest groups of equal size (both directions' baselines
     rotate whole layers). Listed A group by A group, B groups inside."""
-    if pair_block_bytes(1, d_a, 1, d_b) > budget_bytes:
+    smallest = pair_block_bytes(1, d_a, 1, d_b, precision)
+    if smallest > budget_bytes:
         raise AtlasError(
             f"memory budget of {budget_bytes} bytes cannot hold one layer ({d_a} neurons) against one layer "
-            f"({d_b}); raise the budget to at least {pair_block_bytes(1, d_a, 1, d_b)} bytes"
+            f"({d_b}); raise the budget to at least {smallest} bytes"
         )
     widest = max(n_layers_a, n_layers_b)
     per_group = max(g for g in range(1, widest + 1)
-                    if pair_block_bytes(min(g, n_layers_a), d_a, min(g, n_layers_b), d_b) <= budget_bytes)
+                    if pair_block_bytes(min(g, n_layers_a), d_a, min(g, n_layers_b), d_b, precision) <= budget_bytes)
     groups_a = _equal_ranges(n_layers_a, per_group)
     groups_b = _equal_ranges(n_layers_b, per_group)
     return [(group_a, group_b) for group_a in groups_a for group_b in groups_b]
