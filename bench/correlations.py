@@ -17,6 +17,7 @@ pair-GEMM FLOP/s that implies, and the peak RSS.
 
     python bench/correlations.py --tokens 4096 --job --job-tokens 20000
     python bench/correlations.py --device cuda   # the accumulator and the job on a GPU (--device auto)
+    python bench/correlations.py --seeds 3 --n-a 3072 --layer-sizes 768   # a family pass, statistics shared
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps: where the "
                                                          "batches, the accumulator and the job's models live")
+    parser.add_argument("--seeds", type=int, default=0, help="also time a family pass: this many models of --n-a "
+                                                            "neurons, every unordered pair, statistics shared")
     parser.add_argument("--job", action="store_true", help="also time the whole correlations job")
     parser.add_argument("--job-seeds", type=int, default=3, help="models in the family (pairs: s * (s - 1) / 2)")
     parser.add_argument("--job-layers", type=int, default=4)
@@ -132,8 +135,64 @@ def main() -> None:
           f"(before timing {rss_before_kb / 1024:,.1f} MiB)"
           + (f"; peak device memory {torch.cuda.max_memory_allocated(device) / 2**20:,.1f} MiB"
              if device.type == "cuda" else ""))
+    if args.seeds > 1:
+        bench_family_pass(args, device, layer_sizes, n_steps)
     if args.job:
         bench_job(args)
+
+
+def bench_family_pass(args: argparse.Namespace, device: torch.device, layer_sizes: list[int], n_steps: int) -> None:
+    """What the job's consumer does per batch for --seeds models of --n-a neurons (whole layers of
+    --layer-sizes' first width): each model's statistics once (ModelColumns), then every unordered pair's
+    product and each model's layer covariances; against plain torch.matmul of the same pair products."""
+    from itertools import combinations
+
+    from atlas.metrics.correlation import ModelColumns, SharedCorrelationAccumulator
+
+    width, d = args.n_a, layer_sizes[0]
+    sizes = [d] * (width // d)
+    batches = [activations for activations, _ in make_batches(args.seeds * 2, args.batch, width, 1, device)]
+    per_seed = [batches[seed::args.seeds] for seed in range(args.seeds)]
+    pairs = list(combinations(range(args.seeds), 2))
+
+    def plain() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        for step in range(n_steps):
+            for a, b in pairs:
+                torch.matmul(per_seed[a][step % 2].T, per_seed[b][step % 2])
+        synchronize(device)
+        return time.perf_counter() - start
+
+    def shared() -> float:
+        models = [ModelColumns(width, device) for _ in range(args.seeds)]
+        accumulators = [SharedCorrelationAccumulator(models[a], slice(0, width), models[b], slice(0, width), sizes,
+                                                     track_gram=False) for a, b in pairs]
+        grams = [SharedCorrelationAccumulator(model, slice(0, 0), model, slice(0, width), sizes) for model in models]
+        synchronize(device)
+        start = time.perf_counter()
+        for step in range(n_steps):
+            shifted = [model.update(per_seed[seed][step % 2]) for seed, model in enumerate(models)]
+            for accumulator, (a, b) in zip(accumulators, pairs):
+                accumulator.update_products(shifted[a], shifted[b])
+            for gram, y in zip(grams, shifted):
+                gram.update_products(y[:, :0], y)
+        for accumulator in accumulators + grams:
+            accumulator.flush()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    plain()  # warm-up
+    plain_s, shared_s = min(plain() for _ in range(args.repeats)), min(shared() for _ in range(args.repeats))
+    tokens = n_steps * args.batch
+    flops = 2.0 * tokens * width * width * len(pairs)
+    covariance_flops = 2.0 * tokens * sum(size * size for size in sizes) * args.seeds
+    print(f"family pass: {args.seeds} seeds x {width} neurons ({len(pairs)} pairs, layers of {d}), {tokens} tokens")
+    print(f"plain torch.matmul of the pairs : {plain_s:8.3f} s  {flops / plain_s / 1e9:8.1f} GFLOP/s")
+    print(f"consumer (shared statistics)    : {shared_s:8.3f} s  {flops / shared_s / 1e9:8.1f} GFLOP/s of pair products, "
+          f"{(flops + covariance_flops) / shared_s / 1e9:.1f} with the layer covariances")
+    print(f"ratio (pair FLOP/s, consumer / matmul): {plain_s / shared_s:.3f}; with the covariances' FLOPs "
+          f"{plain_s / shared_s * (flops + covariance_flops) / flops:.3f}  (target >= 0.8)")
 
 
 def _device_name(device: torch.device) -> str:

@@ -9,45 +9,64 @@ import numpy as np
 import torch
 
 from atlas.errors import AtlasError
-from atlas.metrics.correlation import CorrelationAccumulator, TransposedView, max_correlations, rotated_baseline_max
+from atlas.metrics.correlation import (
+    CorrelationAccumulator,
+    ModelColumns,
+    SharedCorrelationAccumulator,
+    TransposedView,
+    max_correlations,
+    rotated_baseline_max,
+)
 from ingest.correlation_plan import Block
 from ingest.family_pass import PassBatch
 from ingest.runner import JobKey
 
 
 class CorrelationConsumer:
-    """A family-pass consumer: one accumulator per block (no Gram matrices) and one covariance accumulator
-    per layer group of a model (a CorrelationAccumulator with no A neurons), shared by the blocks."""
+    """A family-pass consumer. Each model's shift, sums and extremes are computed once per batch
+    (ModelColumns) and shared by the accumulators it takes part in: one per block (products only) and
+    one covariance accumulator per layer group of a model (no A neurons), shared by the blocks."""
 
     def __init__(self, blocks: list[Block], device: str | torch.device = "cpu") -> None:
         self.blocks = blocks
         self.device = torch.device(device)  # every accumulator lives beside the activations
+        self.precision = blocks[0].precision if blocks else "float32"
+        self.widths = {block.a_id: block.a_width for block in blocks} | {block.b_id: block.b_width for block in blocks}
+        self.models = {model_id: ModelColumns(width, self.device, self.precision)
+                       for model_id, width in self.widths.items()}
         self.pairs = [self._pair_accumulator(block) for block in blocks]
         self._gram_columns: dict[tuple[int, int, int], slice] = {}
-        self.grams: dict[tuple[int, int, int], CorrelationAccumulator] = {}
+        self.grams: dict[tuple[int, int, int], SharedCorrelationAccumulator] = {}
         for block in blocks:
             for key, columns, sizes in ((block.a_gram_key, block.a_columns, block.a_layer_sizes),
                                         (block.b_gram_key, block.b_columns, block.b_layer_sizes)):
                 if key not in self.grams:
                     self._gram_columns[key] = columns
-                    self.grams[key] = CorrelationAccumulator(0, sizes, b_layers=range(key[1], key[2]), track_gram=True,
-                                                             device=self.device, precision=block.precision)
+                    self.grams[key] = self._gram_accumulator(key, columns, sizes)
 
-    def _pair_accumulator(self, block: Block) -> CorrelationAccumulator:
-        return CorrelationAccumulator(block.a_columns.stop - block.a_columns.start, block.b_layer_sizes,
-                                      b_layers=range(block.b_start, block.b_stop), track_gram=False, device=self.device,
-                                      precision=block.precision)
+    def _pair_accumulator(self, block: Block) -> SharedCorrelationAccumulator:
+        return SharedCorrelationAccumulator(self.models[block.a_id], block.a_columns, self.models[block.b_id],
+                                            block.b_columns, block.b_layer_sizes,
+                                            b_layers=range(block.b_start, block.b_stop), track_gram=False)
+
+    def _gram_accumulator(self, key: tuple[int, int, int], columns: slice,
+                          sizes: list[int]) -> SharedCorrelationAccumulator:
+        model = self.models[key[0]]
+        return SharedCorrelationAccumulator(model, slice(columns.start, columns.start), model, columns, sizes,
+                                            b_layers=range(key[1], key[2]), track_gram=True)
 
     def consume(self, step: PassBatch) -> None:
+        shifted = {model_id: columns.update(step.activations[model_id]) for model_id, columns in self.models.items()}
         for block, accumulator in zip(self.blocks, self.pairs):
-            accumulator.update(step.activations[block.a_id][:, block.a_columns],
-                               step.activations[block.b_id][:, block.b_columns])
-        for gram_key, accumulator in self.grams.items():
-            x = step.activations[gram_key[0]][:, self._gram_columns[gram_key]]
-            accumulator.update(x[:, :0], x)
+            accumulator.update_products(shifted[block.a_id][:, block.a_columns], shifted[block.b_id][:, block.b_columns])
+        for key, accumulator in self.grams.items():
+            y = shifted[key[0]][:, self._gram_columns[key]]
+            accumulator.update_products(y[:, :0], y)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state: dict[str, np.ndarray] = {}
+        for model_id, columns in self.models.items():
+            state.update({f"model{model_id}/{k}": v for k, v in columns.state_dict().items()})
         for index, accumulator in enumerate(self.pairs):
             state.update({f"pair{index}/{k}": v for k, v in accumulator.state_dict().items()})
         for index, accumulator in enumerate(self.grams.values()):
@@ -58,10 +77,14 @@ class CorrelationConsumer:
         def part(prefix: str) -> dict[str, np.ndarray]:
             return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
-        self.pairs = [CorrelationAccumulator.from_state_dict(part(f"pair{i}/"), self.device)
-                      for i in range(len(self.pairs))]
-        self.grams = {key: CorrelationAccumulator.from_state_dict(part(f"gram{i}/"), self.device)
-                      for i, key in enumerate(self.grams)}
+        for model_id, columns in self.models.items():  # in place: the accumulators hold these objects
+            loaded = ModelColumns.from_state_dict(part(f"model{model_id}/"), self.device)
+            columns.n, columns.shift = loaded.n, loaded.shift
+            columns.sum, columns.sumsq, columns.max, columns.min = loaded.sum, loaded.sumsq, loaded.max, loaded.min
+        for index, accumulator in enumerate(self.pairs):
+            accumulator.load_products(part(f"pair{index}/"))
+        for index, accumulator in enumerate(self.grams.values()):
+            accumulator.load_products(part(f"gram{index}/"))
 
     def results(self, baseline_seed: int) -> dict[JobKey, dict[str, np.ndarray]]:
         """Per block, both directions: a_* for A's neurons against B's layers, b_* for B's against A's

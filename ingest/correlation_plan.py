@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atlas.metrics.correlation import CorrelationAccumulator, layer_grid
+from atlas.errors import AtlasError
+from atlas.metrics.correlation import CorrelationAccumulator, ModelColumns, layer_grid
 from atlas.store.schema import Model
 from ingest.runner import JobKey
 
@@ -43,6 +44,8 @@ class Block:
     b_d_mlp: int
     sharded: bool  # False: the block is the whole pair and writes its rows directly
     precision: str = "float32"  # of the per-batch product (the accumulators' buffers follow it)
+    a_n_layers: int = 0  # the models' layer counts (their whole widths share one ModelColumns per pass)
+    b_n_layers: int = 0
 
     @property
     def a_columns(self) -> slice:
@@ -51,6 +54,15 @@ class Block:
     @property
     def b_columns(self) -> slice:
         return slice(self.b_start * self.b_d_mlp, self.b_stop * self.b_d_mlp)
+
+    @property
+    def a_width(self) -> int:
+        """A's neurons in all (the model's width, not the block's)."""
+        return self.a_n_layers * self.a_d_mlp
+
+    @property
+    def b_width(self) -> int:
+        return self.b_n_layers * self.b_d_mlp
 
     @property
     def a_layer_sizes(self) -> list[int]:
@@ -84,41 +96,58 @@ def pair_key(a: Model, b: Model, dataset_id: int) -> JobKey:
     return JobKey(KIND, model_id=a.id, dataset_id=dataset_id, other_model_id=b.id)
 
 
-def pair_blocks(a: Model, b: Model, dataset_id: int, budget: int, precision: str = "float32") -> list[Block]:
-    """The pair as one block when it fits the budget (with both sides' layer covariances), else its shards."""
-    grid = layer_grid(a.n_layers, a.d_mlp, b.n_layers, b.d_mlp, budget, precision)
+def model_pass_bytes(width: int, batch_positions: int, precision: str = "float32") -> int:
+    """What a model costs a pass besides its blocks: its ModelColumns (vectors and shifted batch buffers)
+    and one batch of its activations, held twice by the family pass (every position, and the counted ones)."""
+    return ModelColumns.estimate_bytes(width, batch_positions, precision) + 2 * 4 * batch_positions * width
+
+
+def pair_blocks(a: Model, b: Model, dataset_id: int, budget: int, precision: str = "float32",
+                batch_positions: int = 0) -> list[Block]:
+    """The pair as one block when it fits the budget (with both sides' layer covariances and both models'
+    batch buffers), else its shards."""
+    models = sum(model_pass_bytes(m.n_layers * m.d_mlp, batch_positions, precision) for m in (a, b))
+    if models >= budget:
+        raise AtlasError(f"--memory-budget of {budget:,} bytes cannot hold one batch of {a.name} and {b.name} "
+                         f"({models:,} bytes with their statistics): lower --batch-size or raise the budget")
+    grid = layer_grid(a.n_layers, a.d_mlp, b.n_layers, b.d_mlp, budget - models, precision)
     sharded = len(grid) > 1
     blocks = []
     for a_layers, b_layers in grid:
         shard = f"a{a_layers.start}:{a_layers.stop}/b{b_layers.start}:{b_layers.stop}" if sharded else None
         key = JobKey(KIND, model_id=a.id, dataset_id=dataset_id, other_model_id=b.id, shard=shard)
         blocks.append(Block(key, a.id, b.id, a_layers.start, a_layers.stop, a.d_mlp,
-                            b_layers.start, b_layers.stop, b.d_mlp, sharded, precision))
+                            b_layers.start, b_layers.stop, b.d_mlp, sharded, precision, a.n_layers, b.n_layers))
     return blocks
 
 
-def pack_passes(blocks: list[Block], budget: int) -> list[list[Block]]:
-    """Greedy packing of blocks into passes whose accumulators and layer covariances fit the budget together
-    (a covariance shared by several blocks of a pass counts once).
+def pack_passes(blocks: list[Block], budget: int, batch_positions: int = 0) -> list[list[Block]]:
+    """Greedy packing of blocks into passes that fit the budget together: their accumulators, the layer
+    covariances (one per layer group, shared by the blocks of a pass) and each model's batch buffers
+    (once per pass, whatever the number of its blocks).
 
-    Each block fits alone (layer_grid counted both sides' covariances), so every pass gets one."""
+    Each block fits alone (pair_blocks counted the rest), so every pass gets one."""
     passes: list[list[Block]] = []
     current: list[Block] = []
-    used, grams = 0, set()
+    used, grams, models = 0, set(), set()
 
-    def extra_bytes(block: Block, held: set) -> int:
-        new = {key: sizes for key, sizes in block.gram_sizes().items() if key not in held}
-        return block.accumulator_bytes() + sum(gram_bytes(sizes, block.precision) for sizes in new.values())
+    def extra_bytes(block: Block) -> int:
+        new_grams = {key: sizes for key, sizes in block.gram_sizes().items() if key not in grams}
+        new_models = {block.a_id: block.a_width, block.b_id: block.b_width}.items()
+        return (block.accumulator_bytes() + sum(gram_bytes(sizes, block.precision) for sizes in new_grams.values())
+                + sum(model_pass_bytes(width, batch_positions, block.precision)
+                      for model_id, width in new_models if model_id not in models))
 
     for block in blocks:
-        extra = extra_bytes(block, grams)
+        extra = extra_bytes(block)
         if current and used + extra > budget:
             passes.append(current)
-            current, used, grams = [], 0, set()
-            extra = extra_bytes(block, grams)
+            current, used, grams, models = [], 0, set(), set()
+            extra = extra_bytes(block)
         current.append(block)
         used += extra
         grams.update(block.gram_sizes())
+        models.update((block.a_id, block.b_id))
     if current:
         passes.append(current)
     return passes

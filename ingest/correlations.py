@@ -33,7 +33,8 @@ from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_mo
 from atlas.store import Store
 from atlas.store.schema import Dataset, Model, NeuronCorrelation
 from ingest.correlation_consumer import CorrelationConsumer
-from ingest.correlation_plan import KIND, Block, gram_bytes, pack_passes, pair_blocks, pair_key, same_step_pairs
+from ingest.correlation_plan import (KIND, Block, gram_bytes, model_pass_bytes, pack_passes, pair_blocks, pair_key,
+                                     same_step_pairs)
 from ingest.correlation_shards import SHARD_FORMAT, RunContext, combine_blocks, load_shard, save_shard, shard_path
 from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassModel, run_family_pass
@@ -42,8 +43,8 @@ from ingest.progress import show_result
 from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_unit, run_units, science_config
 
 # The plan, the consumer and the shards live in their own modules; their names stay importable from here.
-__all__ = ["KIND", "Block", "CorrelationConsumer", "CorrelationsConfig", "gram_bytes", "pack_passes", "pair_blocks",
-           "parse_bytes", "run", "same_step_pairs"]
+__all__ = ["KIND", "Block", "CorrelationConsumer", "CorrelationsConfig", "gram_bytes", "model_pass_bytes", "pack_passes",
+           "pair_blocks", "parse_bytes", "run", "same_step_pairs"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class CorrelationsConfig:
     float64, float32, tf32 (TensorFloat-32 on CUDA; float32 elsewhere) or bfloat16. The README's table
     gives what each costs in max_corr against float64."""
     memory_budget: Annotated[str, RUN_OPTION] = "4GiB"
-    """Memory for the accumulators of one pass (e.g. 512MiB, 4GiB, 80GB); pairs that do not fit are split into
+    """Memory of one pass besides the models' weights (e.g. 512MiB, 4GiB, 80GB): the accumulators, the layer
+    covariances, each model's statistics and a batch of its activations. Pairs that do not fit are split into
     shards."""
     batch_size: Annotated[int, RUN_OPTION] = 16
     """Rows (documents) per batch."""
@@ -244,12 +246,14 @@ def run(config: CorrelationsConfig, store: Store) -> None:
     with store.session() as session:
         pending = [(a, b) for a, b in pairs
                    if config.overwrite or find_done(session, pair_key(a, b, dataset.id), context.config_hash) is None]
-        blocks = {(a.id, b.id): pair_blocks(a, b, dataset.id, budget, config.precision) for a, b in pending}
+        batch_positions = config.batch_size * dataset.ctx_len  # the most a batch can hold
+        blocks = {(a.id, b.id): pair_blocks(a, b, dataset.id, budget, config.precision, batch_positions)
+                  for a, b in pending}
         to_compute = [block for pair_blocks_ in blocks.values() for block in _blocks_to_compute(session, pair_blocks_, context)]
     if len(pending) < len(pairs):
         log.info(f"skipped {len(pairs) - len(pending)} of {len(pairs)} seed pairs: already done "
                  "with this config (use --overwrite to recompute)")
-    for units in pack_passes(to_compute, budget):
+    for units in pack_passes(to_compute, budget, batch_positions):
         checkpoints: list[Checkpoint] = []
 
         # Only the units this process claimed: another process may be computing the others.

@@ -287,11 +287,12 @@ def test_new_seed_computes_only_its_pairs_and_leaves_old_rows_untouched(store, d
 
 def test_shards_resume_and_equal_the_unsharded_run(store, seed_dirs, docs_file, monkeypatch, isolated_cache):
     models = register_family(store, seed_dirs, docs_file, seeds=(0, 1))
-    d_mlp = models[0].d_mlp
-    budget = pair_block_bytes(2, d_mlp, 2, d_mlp)  # 2 of 3 layers on each side
-    blocks = job.pair_blocks(models[0], models[1], 1, budget)
+    d_mlp, width, positions = models[0].d_mlp, models[0].n_layers * models[0].d_mlp, BATCH * CTX
+    # 2 of 3 layers on each side, beside both models' statistics and batch buffers
+    budget = pair_block_bytes(2, d_mlp, 2, d_mlp) + 2 * job.model_pass_bytes(width, positions)
+    blocks = job.pair_blocks(models[0], models[1], 1, budget, batch_positions=positions)
     assert [b.key.shard for b in blocks] == ["a0:2/b0:2", "a0:2/b2:3", "a2:3/b0:2", "a2:3/b2:3"]
-    n_passes = len(job.pack_passes(blocks, budget))
+    n_passes = len(job.pack_passes(blocks, budget, positions))
     assert n_passes >= 3
 
     calls = {"n": 0}
@@ -364,17 +365,21 @@ def test_interrupted_pass_resumes_from_its_checkpoint(store, seed_dirs, docs_fil
 def test_pack_passes_respects_the_budget():
     shapes = dict(n_layers=3, d_mlp=96)
     a, b, c = Model(id=1, **shapes), Model(id=2, **shapes), Model(id=3, **shapes)
-    one_pair = pair_block_bytes(3, 96, 3, 96)
-    budget = 3 * one_pair
-    blocks = job.pair_blocks(a, b, 1, budget) + job.pair_blocks(a, c, 1, budget) + job.pair_blocks(b, c, 1, budget)
+    positions, model_bytes = 64, job.model_pass_bytes(288, 64)
+    budget = 3 * pair_block_bytes(3, 96, 3, 96) + 3 * model_bytes
+    blocks = [blk for x, y in [(a, b), (a, c), (b, c)] for blk in job.pair_blocks(x, y, 1, budget, batch_positions=positions)]
     assert [blk.sharded for blk in blocks] == [False, False, False]
-    assert len(job.pack_passes(blocks, budget)) == 1  # every pair in one pass: each model runs once per batch
-    small = pair_block_bytes(1, 96, 1, 96)
-    blocks = job.pair_blocks(a, b, 1, small)
+    # every pair in one pass: each model runs once per batch, its statistics and batch counted once
+    assert len(job.pack_passes(blocks, budget, positions)) == 1
+    small = pair_block_bytes(1, 96, 1, 96) + 2 * model_bytes
+    blocks = job.pair_blocks(a, b, 1, small, batch_positions=positions)
     assert len(blocks) == 9 and all(blk.sharded for blk in blocks)
-    for units in job.pack_passes(blocks, small):
+    for units in job.pack_passes(blocks, small, positions):
         grams = {key: job.gram_bytes(sizes) for blk in units for key, sizes in blk.gram_sizes().items()}
-        assert sum(blk.accumulator_bytes() for blk in units) + sum(grams.values()) <= small
+        models = {m for blk in units for m in (blk.a_id, blk.b_id)}
+        assert sum(blk.accumulator_bytes() for blk in units) + sum(grams.values()) + len(models) * model_bytes <= small
+    with pytest.raises(AtlasError, match="lower --batch-size"):
+        job.pair_blocks(a, b, 1, small, batch_positions=100 * positions)
 
 
 # -- bad input: one-line errors, nothing written --------------------------------------------------

@@ -9,8 +9,10 @@ import torch
 from atlas.errors import AtlasError
 from atlas.metrics.correlation import (
     CorrelationAccumulator,
-    combine_maxima,
+    ModelColumns,
+    SharedCorrelationAccumulator,
     TransposedView,
+    combine_maxima,
     layer_grid,
     max_correlations,
     pair_block_bytes,
@@ -256,3 +258,30 @@ def test_bfloat16_inputs_and_shape_errors(activations) -> None:
         accumulator.update(xa[:5], xb[:6])
     with pytest.raises(ValueError, match="B columns"):
         accumulator.update(xa[:5], xb[:5, :-1])
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float64"])
+def test_shared_model_columns_give_the_standalone_accumulators_numbers(activations, precision) -> None:
+    """Each model's shift, sums and extremes computed once per batch (ModelColumns) and shared by its
+    accumulators give what a standalone CorrelationAccumulator of the block gives."""
+    xa, xb = activations
+    model_a, model_b = ModelColumns(N_A, precision=precision), ModelColumns(N_B, precision=precision)
+    a_columns, b_columns = slice(4, 20), slice(8, N_B)  # a block: part of A against B's last two layers
+    shared = SharedCorrelationAccumulator(model_a, a_columns, model_b, b_columns, LAYER_SIZES_B[1:], b_layers=[1, 2],
+                                          track_gram=True)
+    standalone = CorrelationAccumulator(16, LAYER_SIZES_B[1:], b_layers=[1, 2], precision=precision)
+    for start in range(0, N_TOKENS, 700):
+        ya, yb = model_a.update(torch.from_numpy(xa[start:start + 700])), model_b.update(torch.from_numpy(xb[start:start + 700]))
+        shared.update_products(ya[:, a_columns], yb[:, b_columns])
+        standalone.update(torch.from_numpy(xa[start:start + 700, a_columns]), torch.from_numpy(xb[start:start + 700, b_columns]))
+    tolerance = 1e-12 if precision == "float64" else 1e-6  # float32 sums over a wider tensor may round apart
+    np.testing.assert_allclose(shared.correlations(), standalone.correlations(), atol=tolerance, rtol=0, equal_nan=True)
+    for index in range(2):
+        np.testing.assert_allclose(shared.layer_covariance(index), standalone.layer_covariance(index),
+                                   atol=tolerance * 10, rtol=tolerance)
+    np.testing.assert_allclose(shared.means_a(), standalone.means_a(), rtol=1e-12)
+    np.testing.assert_array_equal(shared.variances_b() == 0, standalone.variances_b() == 0)  # the dead B neuron
+    restored = ModelColumns.from_state_dict(model_a.state_dict())
+    assert restored.n == model_a.n and torch.equal(restored.sum, model_a.sum)
+    with pytest.raises(TypeError, match="update_products"):
+        shared.update(xa[:10, a_columns], xb[:10, b_columns])

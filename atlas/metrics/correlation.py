@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from atlas.errors import AtlasError
-from atlas.metrics._arrays import ArrayLike, Device, accumulator_device, as_float32_tensor
+from atlas.metrics._arrays import ArrayLike, Device, accumulator_device, as_float32_tensor, host
 
 DEFAULT_FLUSH_TOKENS = 16384
 PRECISIONS = ("float64", "float32", "tf32", "bfloat16")
@@ -315,6 +315,135 @@ class CorrelationAccumulator:
             flat = tensor("grams")
             accumulator.grams = [g.reshape(d, d) for g, d in zip(torch.split(flat, [d * d for d in layer_sizes]), layer_sizes)]
         return accumulator
+
+
+class ModelColumns:
+    """One model's per-neuron statistics over a pass, computed ONCE per batch and shared by every
+    accumulator the model takes part in (its pairs and its layer covariances): the shift (the first
+    batch's mean, as a CorrelationAccumulator takes it), shifted sums and squares, max and min.
+
+    update(x) returns the shifted batch, already in the form the products take (rounded for bfloat16),
+    in a buffer reused by the next update: consume it before then.
+    """
+
+    def __init__(self, n_features: int, device: Device = "cpu", precision: str = "float32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        self.n_features, self.precision = n_features, precision
+        self.device = accumulator_device(device)
+        self.work_dtype = torch.float64 if precision == "float64" else torch.float32
+        work, f64 = dict(dtype=self.work_dtype, device=self.device), dict(dtype=torch.float64, device=self.device)
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.sum, self.sumsq = torch.zeros(n_features, **f64), torch.zeros(n_features, **f64)
+        self.max, self.min = torch.full((n_features,), -np.inf, **work), torch.full((n_features,), np.inf, **work)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def update(self, x: ArrayLike) -> torch.Tensor:
+        raw = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+        raw = raw.to(self.device, self.work_dtype)
+        if raw.ndim != 2 or raw.shape[1] != self.n_features:
+            raise ValueError(f"expected activations [n, {self.n_features}], got {tuple(raw.shape)}")
+        if self.shift is None and raw.shape[0]:
+            self.shift = raw.mean(dim=0, dtype=torch.float64).float()
+        if raw.shape[0] == 0:
+            return raw
+        shifted = torch.sub(raw, self.shift.to(self.work_dtype), out=self._buffer("shifted", raw.shape))
+        CorrelationAccumulator._update_vectors(raw, shifted, self._buffer("squares", raw.shape), self.sum,
+                                               self.sumsq, self.max, self.min)
+        self.n += raw.shape[0]
+        if self.precision == "bfloat16":  # rounded once here, not once per pair
+            return self._buffer("rounded", raw.shape).copy_(shifted.to(torch.bfloat16))
+        return shifted
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != torch.Size(shape):
+            buffer = self._buffers[name] = torch.empty(shape, device=self.device, dtype=self.work_dtype)
+        return buffer
+
+    @staticmethod
+    def estimate_bytes(n_features: int, batch_positions: int, precision: str = "float32") -> int:
+        """The vectors, and the per-batch buffers (shifted, squares, rounded) of batch_positions rows."""
+        per_value = 8 if precision == "float64" else 4
+        buffers = 3 if precision == "bfloat16" else 2
+        return 40 * n_features + buffers * per_value * batch_positions * n_features
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"n": np.array(self.n, dtype=np.int64), "precision": np.array(self.precision),
+                "shift": np.zeros(0, dtype=np.float32) if self.shift is None else host(self.shift),
+                "sum": host(self.sum), "sumsq": host(self.sumsq), "max": host(self.max), "min": host(self.min)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, np.ndarray], device: Device = "cpu") -> ModelColumns:
+        columns = cls(int(np.asarray(state["sum"]).shape[0]), device, str(state["precision"]))
+        columns.n = int(state["n"])
+        shift = np.asarray(state["shift"])
+        columns.shift = torch.from_numpy(shift.copy()).to(columns.device) if shift.size else None
+        for name in ("sum", "sumsq", "max", "min"):
+            setattr(columns, name, torch.from_numpy(np.array(state[name])).to(columns.device))
+        return columns
+
+
+class SharedCorrelationAccumulator(CorrelationAccumulator):
+    """A CorrelationAccumulator whose per-neuron vectors live in the two models' ModelColumns (columns_a
+    and columns_b of them): it only accumulates the products, fed by update_products with the shifted
+    batches ModelColumns.update returned. The numbers equal a CorrelationAccumulator's on the same data
+    (the same shift: each model's first-batch mean)."""
+
+    def __init__(self, model_a: ModelColumns, columns_a: slice, model_b: ModelColumns, columns_b: slice,
+                 layer_sizes_b: Sequence[int], *, b_layers: Sequence[int] | None = None, track_gram: bool = True,
+                 flush_tokens: int = DEFAULT_FLUSH_TOKENS) -> None:
+        self.model_a, self.columns_a, self.model_b, self.columns_b = model_a, columns_a, model_b, columns_b
+        super().__init__(columns_a.stop - columns_a.start, layer_sizes_b, b_layers=b_layers, track_gram=track_gram,
+                         flush_tokens=flush_tokens, device=model_a.device, precision=model_a.precision)
+        if self.n_b != columns_b.stop - columns_b.start:
+            raise ValueError(f"B's layers {list(layer_sizes_b)} do not cover columns {columns_b}")
+
+    # The vectors are views of the models' (assignments by the base constructor are ignored).
+    def _view(self, side: str, name: str) -> torch.Tensor | None:
+        model, columns = (self.model_a, self.columns_a) if side == "a" else (self.model_b, self.columns_b)
+        value = getattr(model, name)
+        return None if value is None else value[columns]
+
+    sum_a = property(lambda self: self._view("a", "sum"), lambda self, value: None)
+    sumsq_a = property(lambda self: self._view("a", "sumsq"), lambda self, value: None)
+    max_a = property(lambda self: self._view("a", "max"), lambda self, value: None)
+    min_a = property(lambda self: self._view("a", "min"), lambda self, value: None)
+    shift_a = property(lambda self: self._view("a", "shift"), lambda self, value: None)
+    sum_b = property(lambda self: self._view("b", "sum"), lambda self, value: None)
+    sumsq_b = property(lambda self: self._view("b", "sumsq"), lambda self, value: None)
+    max_b = property(lambda self: self._view("b", "max"), lambda self, value: None)
+    min_b = property(lambda self: self._view("b", "min"), lambda self, value: None)
+    shift_b = property(lambda self: self._view("b", "shift"), lambda self, value: None)
+
+    def update(self, xa: ArrayLike, xb: ArrayLike) -> None:
+        raise TypeError("a shared accumulator takes shifted batches: update the ModelColumns, then update_products")
+
+    def update_products(self, ya: torch.Tensor, yb: torch.Tensor) -> None:
+        """Add one batch of shifted activations (ModelColumns.update's, sliced to this block's columns)."""
+        if ya.shape[0] == 0:
+            return
+        self._accumulate_products(ya, yb)  # rounding for bfloat16 was done once, in ModelColumns
+        self.n += ya.shape[0]
+
+    def _product_inputs(self, ya: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ya, yb
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The products only (the vectors are saved with the models' columns)."""
+        self.flush()
+        empty = np.zeros(0, dtype=np.float64)
+        return {"n": np.array(self.n, dtype=np.int64), "cross": self.cross.cpu().numpy(),
+                "grams": np.concatenate([g.cpu().numpy().reshape(-1) for g in self.grams]) if self.grams else empty}
+
+    def load_products(self, state: dict[str, np.ndarray]) -> None:
+        self.n = int(state["n"])
+        self.cross = torch.from_numpy(np.array(state["cross"])).to(self.device)
+        if self.track_gram:
+            flat = torch.from_numpy(np.array(state["grams"])).to(self.device)
+            sizes = self.layer_sizes_b
+            self.grams = [g.reshape(d, d) for g, d in zip(torch.split(flat, [d * d for d in sizes]), sizes)]
 
 
 @contextlib.contextmanager
