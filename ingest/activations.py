@@ -10,6 +10,7 @@ are left out of statistics and examples unless --no-exclude-special-tokens; the 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Mapping
 
@@ -83,20 +84,22 @@ class ActivationStatsConsumer:
             acts = step.activations[model_id]
             for layer, moments in enumerate(self.moments[model_id]):
                 moments.update(acts[:, layer * d_mlp:(layer + 1) * d_mlp])  # float64 temporaries of one layer
-            self.top[model_id].update(acts, step.keys, lambda index, m=model_id: self._contexts(step, m, index))
+            self.top[model_id].update(acts, step.keys,
+                                      lambda index, columns, m=model_id: self._contexts(step, m, index, columns))
 
-    def _contexts(self, step: PassBatch, model_id: int, index: torch.Tensor) -> torch.Tensor:
-        """The neuron's activation around each candidate [k', W, F]; NaN outside the candidate's row."""
+    def _contexts(self, step: PassBatch, model_id: int, index: torch.Tensor,
+                  columns: torch.Tensor | None) -> torch.Tensor:
+        """The neuron's activation around each candidate [k', W, C] (C: the given feature columns, or all);
+        NaN outside the candidate's row."""
         full = step.all_positions[model_id].to(self.device)
         n_rows, length, n_features = full.shape
         index = index.to(self.device)
-        rows = step.stat_rows.to(self.device)[index][:, None, :]               # [k', 1, F]
-        positions = step.stat_positions.to(self.device)[index][:, None, :] + self.offsets[None, :, None]  # [k', W, F]
+        features = torch.arange(n_features, device=self.device) if columns is None else columns.to(self.device)
+        rows = step.stat_rows.to(self.device)[index][:, None, :]               # [k', 1, C]
+        positions = step.stat_positions.to(self.device)[index][:, None, :] + self.offsets[None, :, None]  # [k', W, C]
         valid = (positions >= 0) & (positions < step.batch.lengths.to(self.device)[rows])
-        flat = rows * length + positions.clamp(0, length - 1)
-        k, width = index.shape[0], len(self.offsets)
-        gathered = full.reshape(n_rows * length, n_features).gather(0, flat.reshape(k * width, n_features))
-        return gathered.reshape(k, width, n_features).masked_fill(~valid, float("nan"))
+        flat = (rows * length + positions.clamp(0, length - 1)) * n_features + features[None, None, :]
+        return full.reshape(-1)[flat].masked_fill(~valid, float("nan"))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state: dict[str, np.ndarray] = {}
@@ -194,21 +197,22 @@ def _example_rows(values: np.ndarray, keys: np.ndarray, payload: np.ndarray, d_m
     columns: dict[str, list] = {name: [] for name in (
         "layer", "neuron", "rank", "doc_index", "position", "activation",
         "context_token_ids", "context_tokens", "highlight_index", "context_activations")}
-    for feature in range(n_features):
-        for rank in range(n_ranks):
-            row, position = divmod(int(keys[rank, feature]), tokens.ctx_len)
-            ids, highlight = tokens.context_window(row, position, config.context_before, config.context_after)
-            first = config.context_before - highlight  # offset of the window's first token in the payload
-            columns["layer"].append(feature // d_mlp)
-            columns["neuron"].append(feature % d_mlp)
-            columns["rank"].append(rank)
-            columns["doc_index"].append(int(tokens.doc_indices[row]))
-            columns["position"].append(position)
-            columns["activation"].append(float(values[rank, feature]))
-            columns["context_token_ids"].append(ids.tolist())
-            columns["context_tokens"].append([token_strings[i] for i in ids])
-            columns["highlight_index"].append(highlight)
-            columns["context_activations"].append(payload[rank, first:first + len(ids), feature].tolist())
+    order = keys.T.reshape(-1)  # feature by feature, rank by rank
+    windows = tokens.context_windows(order // tokens.ctx_len, order % tokens.ctx_len, config.context_before,
+                                     config.context_after)
+    for (feature, rank), (ids, highlight) in zip(itertools.product(range(n_features), range(n_ranks)), windows):
+        row, position = divmod(int(keys[rank, feature]), tokens.ctx_len)
+        first = config.context_before - highlight  # offset of the window's first token in the payload
+        columns["layer"].append(feature // d_mlp)
+        columns["neuron"].append(feature % d_mlp)
+        columns["rank"].append(rank)
+        columns["doc_index"].append(int(tokens.doc_indices[row]))
+        columns["position"].append(position)
+        columns["activation"].append(float(values[rank, feature]))
+        columns["context_token_ids"].append(ids.tolist())
+        columns["context_tokens"].append([token_strings[i] for i in ids])
+        columns["highlight_index"].append(highlight)
+        columns["context_activations"].append(payload[rank, first:first + len(ids), feature].tolist())
     return columns
 
 

@@ -18,8 +18,8 @@ import torch
 
 from atlas.metrics._arrays import Device, host
 
-# candidate batch-row indices [k', F] -> payload [k', W, F]
-PayloadFn = Callable[[torch.Tensor], torch.Tensor]
+# (candidate batch-row indices [k', C], the C feature columns they are for, None for all F) -> payload [k', W, C]
+PayloadFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 _STATE_KEYS = ("values", "keys", "payload")
 
 
@@ -70,16 +70,38 @@ class StreamingTopK:
         if values.shape[0] == 0:
             return
         values = values.detach().to(self.device, torch.float32)
+        keys = keys.to(self.device)
+        if self.values.shape[0] < self.k:
+            self._merge(values, keys, payload, None)
+            return
+        # Once k entries are held, a feature changes only where the batch beats its k-th value (an equal
+        # value loses: its key is later), and after the first batches that is a small share of them.
+        columns = (values > self.values[-1]).any(dim=0).nonzero().squeeze(1)
+        if columns.numel() == self.n_features:
+            self._merge(values, keys, payload, None)
+        elif columns.numel():
+            self._merge(values[:, columns], keys, payload, columns)
+
+    def _merge(self, values: torch.Tensor, keys: torch.Tensor, payload: PayloadFn | None,
+               columns: torch.Tensor | None) -> None:
+        """Merge the batch's best k of the given feature columns (None: all) into the kept entries."""
         index = batch_top_indices(values, self.k)
-        candidate_payload = (payload(index).to(self.device, torch.float32) if payload is not None
-                             else torch.zeros((index.shape[0], self.payload_width, self.n_features), device=self.device))
+        width = values.shape[1]
+        candidate_payload = (payload(index, columns).to(self.device, torch.float32) if payload is not None
+                             else torch.zeros((index.shape[0], self.payload_width, width), device=self.device))
+        kept = (self.values, self.keys, self.payload) if columns is None else \
+            (self.values[:, columns], self.keys[:, columns], self.payload[:, :, columns])
         # Earlier entries first: after the stable sort, equal values keep the smaller key first.
         merged = _stable_descending(
-            torch.cat([self.values, values.gather(0, index)]),
-            torch.cat([self.keys, keys.to(self.device)[index]]),
-            torch.cat([self.payload, candidate_payload]),
+            torch.cat([kept[0], values.gather(0, index)]),
+            torch.cat([kept[1], keys[index]]),
+            torch.cat([kept[2], candidate_payload]),
         )
-        self.values, self.keys, self.payload = (t[: self.k].contiguous() for t in merged)
+        best = [t[: self.k] for t in merged]
+        if columns is None:
+            self.values, self.keys, self.payload = (t.contiguous() for t in best)
+        else:  # the kept rows are full (k of them), so the merged ones fit in place
+            self.values[:, columns], self.keys[:, columns], self.payload[:, :, columns] = best
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(values [m, F], keys [m, F], payload [m, W, F]), best first; m = min(k, items seen)."""
