@@ -44,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--flush-tokens", type=int, default=DEFAULT_FLUSH_TOKENS)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes of each; the best is kept")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--precision", default="float32", choices=["float64", "float32", "tf32", "bfloat16"],
+                        help="the accumulator's product precision; the plain matmul runs in the same one")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps: where the "
                                                          "batches, the accumulator and the job's models live")
     parser.add_argument("--seeds", type=int, default=0, help="also time a family pass: this many models of --n-a "
@@ -98,12 +100,17 @@ def main() -> None:
     batches = make_batches(min(4, n_steps), args.batch, args.n_a, n_b, device)
     rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
+    plain_dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(args.precision, torch.float32)
+    plain_batches = [(xa.to(plain_dtype), xb.to(plain_dtype)) for xa, xb in batches]
+    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"  # the baseline at the same precision
+
     def plain_matmul(xa: torch.Tensor, xb: torch.Tensor) -> None:
         torch.matmul(xa.T, xb)
 
     def accumulated_pass() -> float:
         accumulator = CorrelationAccumulator(
-            args.n_a, layer_sizes, track_gram=not args.no_gram, flush_tokens=args.flush_tokens, device=device
+            args.n_a, layer_sizes, track_gram=not args.no_gram, flush_tokens=args.flush_tokens, device=device,
+            precision=args.precision,
         )
         synchronize(device)
         start = time.perf_counter()
@@ -112,20 +119,20 @@ def main() -> None:
         synchronize(device)
         return time.perf_counter() - start
 
-    plain_matmul(*batches[0])  # warm-up (thread pool, allocator)
+    plain_matmul(*plain_batches[0])  # warm-up (thread pool, allocator)
     plain_times, update_times = [], []
     for _ in range(args.repeats):  # interleaved so that load from other processes hits both
-        plain_times.append(time_pass(plain_matmul, batches, n_steps, device))
+        plain_times.append(time_pass(plain_matmul, plain_batches, n_steps, device))
         update_times.append(accumulated_pass())
     plain, update = min(plain_times), min(update_times)
 
     cross_flops = 2.0 * tokens * args.n_a * n_b
     gram_flops = 0.0 if args.no_gram else 2.0 * tokens * sum(d * d for d in layer_sizes)
-    held = CorrelationAccumulator.estimate_bytes(args.n_a, layer_sizes, not args.no_gram)
+    held = CorrelationAccumulator.estimate_bytes(args.n_a, layer_sizes, not args.no_gram, args.precision)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"shapes: {tokens} tokens in batches of {args.batch}, n_a={args.n_a}, B layers={layer_sizes}, "
           f"gram={'off' if args.no_gram else 'on'}, flush every {args.flush_tokens} tokens, "
-          f"{torch.get_num_threads()} threads, device {_device_name(device)}")
+          f"{torch.get_num_threads()} threads, device {_device_name(device)}, precision {args.precision}")
     print(f"plain torch.matmul : {plain:8.3f} s  {cross_flops / plain / 1e9:8.1f} GFLOP/s")
     print(f"accumulator.update : {update:8.3f} s  {cross_flops / update / 1e9:8.1f} GFLOP/s useful "
           f"({(cross_flops + gram_flops) / update / 1e9:.1f} incl. Gram)")
@@ -236,6 +243,7 @@ def bench_job(args: argparse.Namespace) -> None:
         config = CorrelationsConfig(family="bench", dataset="docs", memory_budget=args.job_budget,
                                     batch_size=args.job_batch_size, checkpoint_every=0, checkpoint_seconds=0,
                                     device=args.device)
+        planned, weights = planned_pass_bytes(store, config)
         rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
         run(config, store)
@@ -249,7 +257,37 @@ def bench_job(args: argparse.Namespace) -> None:
           f"per model, {args.job_tokens:,} tokens, budget {args.job_budget}, {torch.get_num_threads()} threads")
     print(f"job: {seconds:.2f} s, {args.job_tokens / seconds:,.0f} tokens/s of the whole job, "
           f"{pair_flops / seconds / 1e9:.1f} GFLOP/s of pair GEMM (2 * tokens * N_A * N_B per pair)")
-    print(f"job: peak RSS {peak_kb / 1024:,.1f} MiB (before the job {rss_before_kb / 1024:,.1f} MiB)")
+    grown = (peak_kb - rss_before_kb) / 1024
+    print(f"job: peak RSS {peak_kb / 1024:,.1f} MiB (before the job {rss_before_kb / 1024:,.1f} MiB, grown "
+          f"{grown:,.1f} MiB); the planner counted {planned / 2**20:,.1f} MiB for its largest pass, plus "
+          f"{weights / 2**20:,.1f} MiB of weights: growth / (planned + weights) = {grown * 2**20 / (planned + weights):.2f}")
+
+
+def planned_pass_bytes(store, config) -> tuple[int, int]:
+    """What the job's planner counts for its largest pass (accumulators, covariances, each model's statistics
+    and batch buffers), and the float32 weights of the models that pass loads."""
+    from atlas.registry import resolve_dataset, resolve_models
+    from ingest.correlations import gram_bytes, model_pass_bytes, pack_passes, pair_blocks, parse_bytes, same_step_pairs
+
+    with store.session() as session:
+        models = resolve_models(session, None, config.family)
+        dataset = resolve_dataset(session, config.dataset)
+    budget, positions = parse_bytes(config.memory_budget), config.batch_size * dataset.ctx_len
+    blocks = [block for a, b in same_step_pairs(models)
+              for block in pair_blocks(a, b, dataset.id, budget, config.precision, positions)]
+    largest, weights = 0, 0
+    for units in pack_passes(blocks, budget, positions):
+        grams = {key: sizes for block in units for key, sizes in block.gram_sizes().items()}
+        widths = {block.a_id: block.a_width for block in units} | {block.b_id: block.b_width for block in units}
+        held = (sum(block.accumulator_bytes() for block in units) + sum(gram_bytes(s, config.precision) for s in grams.values())
+                + sum(model_pass_bytes(width, positions, config.precision) for width in widths.values()))
+        if held > largest:
+            from atlas.modeling import load_model
+
+            largest = held
+            weights = sum(sum(p.numel() * 4 for p in load_model(m.source).model.parameters())
+                          for m in models if m.id in widths)
+    return largest, weights
 
 
 if __name__ == "__main__":
