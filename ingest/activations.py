@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Mapping
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from atlas.store import Store
 from atlas.store.schema import ActivationStat, Dataset, Model, TopExample
 from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
-from ingest.options import ADDED_OPTION, RUN_OPTION, DatasetName, FamilyName, ModelName, Overwrite
+from ingest.options import RUN_OPTION, DatasetName, DeviceName, FamilyName, ModelDtype, ModelName, Overwrite
 from ingest.runner import JobKey, config_hash, replace_rows, run_units, science_config
 
 KIND = "activations"
@@ -53,11 +53,8 @@ class ActivationsConfig:
     """Leave special tokens (BOS/EOS/pad) out of statistics and examples."""
     batch_size: Annotated[int, RUN_OPTION] = 16
     """Rows (documents) per batch."""
-    dtype: Annotated[Literal["float32", "bfloat16", "float16"], ADDED_OPTION] = "float32"
-    """Dtype of the model's weights and forward pass (statistics are accumulated in float64 whatever it is)."""
-    device: Annotated[str, RUN_OPTION] = "auto"
-    """Torch device of the models and the accumulators: auto (cuda if available, else mps, else cpu),
-    cpu, cuda, cuda:N or mps."""
+    dtype: ModelDtype = "float32"
+    device: DeviceName = "auto"
     checkpoint_every: Annotated[int, RUN_OPTION] = 50
     """Checkpoint the accumulators every this many batches (0: never by count)."""
     checkpoint_seconds: Annotated[float, RUN_OPTION] = 60.0

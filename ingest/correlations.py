@@ -38,7 +38,7 @@ from ingest.correlation_plan import (KIND, Block, gram_bytes, model_pass_bytes, 
 from ingest.correlation_shards import SHARD_FORMAT, RunContext, combine_blocks, load_shard, save_shard, shard_path
 from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassModel, run_family_pass
-from ingest.options import ADDED_OPTION, RUN_OPTION, TARGET, DatasetName, Overwrite
+from ingest.options import ADDED_OPTION, RUN_OPTION, TARGET, DatasetName, DeviceName, ModelDtype, Overwrite
 from ingest.progress import show_result
 from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_unit, run_units, science_config
 
@@ -74,11 +74,8 @@ class CorrelationsConfig:
     shards."""
     batch_size: Annotated[int, RUN_OPTION] = 16
     """Rows (documents) per batch."""
-    dtype: Annotated[Literal["float32", "bfloat16", "float16"], ADDED_OPTION] = "float32"
-    """Dtype of the model's weights and forward pass (statistics are accumulated in float64 whatever it is)."""
-    device: Annotated[str, RUN_OPTION] = "auto"
-    """Torch device of the models and the accumulators: auto (cuda if available, else mps, else cpu),
-    cpu, cuda, cuda:N or mps."""
+    dtype: ModelDtype = "float32"
+    device: DeviceName = "auto"
     checkpoint_every: Annotated[int, RUN_OPTION] = 50
     """Checkpoint the accumulators every this many batches (0: never by count)."""
     checkpoint_seconds: Annotated[float, RUN_OPTION] = 300.0

@@ -11,7 +11,7 @@ same positions, and a batch is dropped from memory before the next one is read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Iterator, Literal, TYPE_CHECKING
+from typing import Annotated, Any, Callable, Iterator, TYPE_CHECKING
 
 import torch
 
@@ -22,7 +22,7 @@ from atlas.registry import resolve_dataset, resolve_models
 from atlas.store import Store
 from atlas.store.schema import Dataset
 from ingest.datasets import check_dataset, check_tokens, tokenize
-from ingest.options import ADDED_OPTION, RUN_OPTION, DatasetName, FamilyName, ModelName, Overwrite
+from ingest.options import RUN_OPTION, DatasetName, DeviceName, FamilyName, ModelDtype, ModelName, Overwrite
 from ingest.progress import RateColumn, progress_bar
 from ingest.runner import JobKey, run_unit
 
@@ -43,11 +43,8 @@ class NextTokenConfig:
     """Do not score predictions made from a special token (BOS) as input."""
     batch_size: Annotated[int, RUN_OPTION] = 8
     """Rows (documents) per batch."""
-    dtype: Annotated[Literal["float32", "bfloat16", "float16"], ADDED_OPTION] = "float32"
-    """Dtype of the model's weights and forward pass (statistics are accumulated in float64 whatever it is)."""
-    device: Annotated[str, RUN_OPTION] = "auto"
-    """Torch device of the models and the accumulators: auto (cuda if available, else mps, else cpu),
-    cpu, cuda, cuda:N or mps."""
+    dtype: ModelDtype = "float32"
+    device: DeviceName = "auto"
     overwrite: Overwrite = False
 
 

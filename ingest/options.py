@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from typing import Annotated
+from typing import Annotated, Literal
 
 from typing_extensions import Doc
 
@@ -33,6 +33,11 @@ ModelName = Annotated[str | None, TARGET, Doc("Run on this registered model (nam
 FamilyName = Annotated[str | None, TARGET, Doc("Run on every registered model of this family.")]
 DatasetName = Annotated[str | None, TARGET, Doc("Registered dataset to run on (name from `atlas dataset list`).")]
 Overwrite = Annotated[bool, RUN_OPTION, Doc("Recompute and replace results that already exist for the same config.")]
+ModelDtype = Annotated[Literal["float32", "bfloat16", "float16"], ADDED_OPTION,
+                       Doc("Dtype of the model's weights and forward pass (statistics are accumulated in float64 "
+                           "whatever it is).")]
+DeviceName = Annotated[str, RUN_OPTION, Doc("Torch device of the models and the accumulators: auto (cuda if "
+                                            "available, else mps, else cpu), cpu, cuda, cuda:N or mps.")]
 
 
 @functools.cache
