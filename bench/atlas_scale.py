@@ -1,0 +1,359 @@
+"""Benchmark: the atlas at paper scale, in PostgreSQL.
+
+Builds a synthetic atlas through the atlas's own schema (migrations) and bulk writer, then times, from
+the server's side of the app: every app page (Streamlit's AppTest: the page's whole script, queries and
+charts included), a neuron card, every example query of the README, and each writer's rows/s against a
+raw binary COPY of the same rows into a copy of the same table. One table, with the goal beside each.
+
+The default size is GPT-2 medium x 10 seeds: 24 layers x 4,096 neurons x 10 models (983,040 neurons,
+8.8M neuron_correlations rows, 20 top examples a neuron). Distributions: vocabulary kurtosis
+heavy-tailed (a few % prediction / suppression neurons), a few % of neurons universal (the same
+neurons in every seed), the rest with max_corr well under the threshold.
+
+    python bench/atlas_scale.py                                   # the default size (allow ~20 min here)
+    python bench/atlas_scale.py --layers 2 --d-mlp 256 --seeds 3 --examples 5   # a quick look
+    python bench/atlas_scale.py --keep                            # keep the database for `atlas app`
+
+--admin-url names a server and a role that may create databases; the benchmark creates (and, without
+--keep, drops) the database --name there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PAGE_GOAL_S, CARD_GOAL_S, QUERY_GOAL_S, WRITER_GOAL = 1.0, 0.3, 0.5, 0.5
+CONTEXT = 29  # tokens in a top example's window (24 before, 4 after)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+                        help="a PostgreSQL URL whose role may create databases")
+    parser.add_argument("--name", default="atlas_scale", help="the database to create (dropped first if it exists)")
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--d-mlp", type=int, default=4096)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--examples", type=int, default=20, help="top examples per neuron")
+    parser.add_argument("--universal", type=float, default=0.03, help="share of universal neurons")
+    parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    return parser.parse_args()
+
+
+@dataclass
+class Report:
+    rows: list[tuple[str, str, float, str, bool]] = field(default_factory=list)  # section, item, value, goal, met
+
+    def add(self, section: str, item: str, value: float, goal: float, higher_is_better: bool = False,
+            unit: str = "s") -> None:
+        met = value >= goal if higher_is_better else value < goal
+        self.rows.append((section, item, value, f"{'>=' if higher_is_better else '<'} {goal:g} {unit}", met))
+
+    def print(self) -> None:
+        width = max(len(item) for _, item, *_ in self.rows)
+        print(f"\n{'section':<8} {'item':<{width}} {'measured':>10} {'goal':>12}  met")
+        for section, item, value, goal, met in self.rows:
+            print(f"{section:<8} {item:<{width}} {value:>10.3f} {goal:>12}  {'yes' if met else 'NO'}")
+        print(f"{sum(met for *_, met in self.rows)}/{len(self.rows)} goals met")
+
+
+@contextmanager
+def timed() -> Iterator[Callable[[], float]]:
+    start = time.perf_counter()
+    elapsed: list[float] = []
+    yield lambda: elapsed[0] if elapsed else time.perf_counter() - start
+    elapsed.append(time.perf_counter() - start)
+
+
+# -- the database ---------------------------------------------------------------------------------
+
+def fresh_database(admin_url: str, name: str) -> str:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        raise SystemExit(f"--name {name!r}: use lower-case letters, digits and _")
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    engine.dispose()
+
+
+# -- synthetic rows -------------------------------------------------------------------------------
+
+def registry(store, args: argparse.Namespace) -> tuple[list, object]:
+    """The family's models, the dataset and a done job for each result the tables will hold."""
+    from atlas.store.schema import Dataset, Model
+
+    with store.transaction() as session:
+        models = [Model(name=f"scale-seed{seed}", family="scale", seed=seed, source=f"synthetic/seed{seed}",
+                        architecture="gpt2", n_layers=args.layers, d_model=args.d_mlp // 4, d_mlp=args.d_mlp,
+                        vocab_size=50257, tokenizer_hash="0" * 64, weights_hash=f"{seed:064x}",
+                        resolved_revision=f"sha256:{seed:064x}") for seed in range(args.seeds)]
+        dataset = Dataset(name="scale-data", source="synthetic", n_tokens=100_000_000, ctx_len=1024,
+                          content_hash="0" * 64, resolved_revision="sha256:" + "0" * 64)
+        session.add_all([*models, dataset])
+        session.flush()
+        session.expunge_all()
+    return models, dataset
+
+
+def job_row(store, kind: str, model, dataset=None, other=None) -> int:
+    from atlas import __version__
+    from atlas.store.schema import Job
+
+    with store.transaction() as session:
+        job = Job(kind=kind, model_id=model.id, dataset_id=None if dataset is None else dataset.id,
+                  other_model_id=None if other is None else other.id, config={"synthetic": True},
+                  config_hash="0" * 64, status="done", atlas_version=__version__, n_rows=0)
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def neuron_columns(rng: np.random.Generator, model, n: int, universal: np.ndarray) -> dict:
+    kurt = 3.0 + rng.lognormal(0.0, 1.0, n)  # heavy-tailed: a few % above 10
+    skew = rng.normal(0.0, 1.0, n) * np.sqrt(kurt - 2.5)
+    var = rng.lognormal(np.log(1.0 / model.d_model), 0.5, n)
+    vocab_class = np.where(kurt > 10, np.where(skew > 0, "prediction", "suppression"),
+                           np.where(var > 5.12 / model.d_model, "partition", "none"))
+    return {"model_id": model.id, "layer": np.arange(n) // model.d_mlp, "neuron": np.arange(n) % model.d_mlp,
+            "w_in_norm": rng.lognormal(0, 0.2, n), "w_out_norm": rng.lognormal(0, 0.2, n),
+            "in_out_cos": rng.normal(0, 0.1, n), "l2_penalty": rng.lognormal(0, 0.3, n), "b_in": rng.normal(0, 0.1, n),
+            "vocab_mean": rng.normal(0, 0.01, n), "vocab_var": var, "vocab_skew": skew, "vocab_kurt": kurt,
+            "vocab_class": vocab_class, "w_gate_norm": np.full(n, np.nan)}
+
+
+def activation_columns(rng: np.random.Generator, model, dataset, n: int) -> dict:
+    mean = rng.normal(-0.05, 0.05, n)
+    return {"model_id": model.id, "dataset_id": dataset.id, "layer": np.arange(n) // model.d_mlp,
+            "neuron": np.arange(n) % model.d_mlp, "n": np.full(n, 100_000_000), "mean": mean,
+            "var": rng.lognormal(-3, 0.5, n), "skew": rng.normal(2, 1, n), "kurt": 3 + rng.lognormal(1, 1, n),
+            "max": mean + rng.lognormal(1, 0.5, n), "min": mean - rng.lognormal(-2, 0.3, n),
+            "frac_active": rng.uniform(0.01, 0.5, n)}
+
+
+def example_columns(rng: np.random.Generator, model, dataset, features: range, k: int, vocab: list[str]) -> dict:
+    """k top examples of each of the model's features (layer * d_mlp + neuron) in the range."""
+    n = len(features)
+    rows = n * k
+    neuron = np.repeat(np.arange(features.start, features.stop), k)
+    activation = np.sort(rng.lognormal(1, 0.4, (n, k)), axis=1)[:, ::-1].reshape(-1)
+    ids = rng.integers(0, len(vocab), (rows, CONTEXT))
+    values = rng.normal(0, 0.5, (rows, CONTEXT)).round(4)
+    return {"model_id": model.id, "dataset_id": dataset.id, "layer": neuron // model.d_mlp,
+            "neuron": neuron % model.d_mlp, "rank": np.tile(np.arange(k), n),
+            "doc_index": rng.integers(0, 1_000_000, rows), "position": rng.integers(0, 1024, rows),
+            "activation": activation, "context_token_ids": ids.tolist(),
+            "context_tokens": [[vocab[i] for i in row] for row in ids], "highlight_index": np.full(rows, 24),
+            "context_activations": values.tolist()}
+
+
+def correlation_columns(rng: np.random.Generator, model, other, dataset, n: int, universal: np.ndarray) -> dict:
+    baseline = rng.uniform(0.15, 0.35, n)
+    max_corr = np.where(universal, rng.uniform(0.85, 0.98, n), baseline + rng.uniform(0.02, 0.3, n))
+    return {"model_id": model.id, "other_model_id": other.id, "dataset_id": dataset.id,
+            "layer": np.arange(n) // model.d_mlp, "neuron": np.arange(n) % model.d_mlp, "max_corr": max_corr,
+            "partner_layer": rng.integers(0, model.n_layers, n), "partner_neuron": rng.integers(0, model.d_mlp, n),
+            "baseline_max_corr": baseline, "universal_threshold": 0.5}
+
+
+# -- writing, against a raw binary COPY -----------------------------------------------------------
+
+@dataclass
+class WriterTimes:
+    rows: int = 0
+    seconds: float = 0.0
+    raw_rows: int = 0
+    raw_seconds: float = 0.0
+
+
+def write(store, table_model, columns: dict, job_id: int, times: WriterTimes, compare_raw: bool) -> None:
+    """The atlas's writer (bulk_insert: COPY through psycopg) in one transaction; for the first batch of a
+    table, a raw binary COPY of the same rows into a copy of the table as well."""
+    from atlas.store.bulk import bulk_insert, rows_from_columns
+
+    columns = {**columns, "job_id": job_id} if "job_id" in table_model.__table__.c else columns
+    with timed() as elapsed, store.transaction() as session:
+        times.rows += bulk_insert(session, table_model, columns)
+    times.seconds += elapsed()
+    if compare_raw:
+        names, rows = rows_from_columns(columns)  # not timed: the raw side gets its rows ready-made
+        times.raw_seconds += raw_copy(store, table_model.__table__, names, rows)
+        times.raw_rows += len(rows)
+
+
+def raw_copy(store, table, names: list[str], rows: list[tuple]) -> float:
+    """Seconds for psycopg's binary COPY of the rows into an empty copy of the table (no constraints)."""
+    import json
+
+    from sqlalchemy import JSON
+
+    json_columns = {i for i, name in enumerate(names) if isinstance(table.c[name].type, JSON)}
+    if json_columns:
+        rows = [tuple(json.dumps(v) if i in json_columns and v is not None else v for i, v in enumerate(row))
+                for row in rows]
+    connection = store.engine.raw_connection()
+    try:
+        driver = connection.driver_connection
+        with driver.cursor() as cursor:
+            cursor.execute(f'CREATE TEMP TABLE raw_copy (LIKE "{table.name}" INCLUDING DEFAULTS)')
+            types = [_pg_type(table.c[name]) for name in names]
+            start = time.perf_counter()
+            column_list = ", ".join(f'"{name}"' for name in names)
+            with cursor.copy(f"COPY raw_copy ({column_list}) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(types)
+                for row in rows:
+                    copy.write_row(row)
+            seconds = time.perf_counter() - start
+            cursor.execute("DROP TABLE raw_copy")
+        driver.commit()
+    finally:
+        connection.close()
+    return seconds
+
+
+def _pg_type(column) -> str:
+    from sqlalchemy import JSON, DateTime, Float, Integer, String, Text
+
+    kind = column.type
+    if isinstance(kind, JSON):
+        return "json"
+    if isinstance(kind, Float):
+        return "float8"
+    if isinstance(kind, Integer):
+        return "int8" if kind.__class__.__name__ == "BigInteger" else "int4"
+    if isinstance(kind, (String, Text)):
+        return "text"
+    if isinstance(kind, DateTime):
+        return "timestamptz"
+    raise TypeError(f"no binary COPY type for {column.name}: {kind}")
+
+
+def fill(store, args: argparse.Namespace, report: Report) -> tuple[list, object]:
+    from atlas.store.schema import ActivationStat, Neuron, NeuronCorrelation, TopExample
+
+    rng = np.random.default_rng(0)
+    n = args.layers * args.d_mlp
+    universal = rng.random(n) < args.universal
+    vocab = [f"tok{i}" for i in range(5000)]
+    models, dataset = registry(store, args)
+    writers = {name: WriterTimes() for name in ("neurons", "activation_stats", "top_examples", "neuron_correlations")}
+    start = time.perf_counter()
+    for index, model in enumerate(models):
+        first = index == 0
+        write(store, Neuron, neuron_columns(rng, model, n, universal), job_row(store, "weights", model),
+              writers["neurons"], first)
+        activations_job = job_row(store, "activations", model, dataset)
+        write(store, ActivationStat, activation_columns(rng, model, dataset, n), activations_job,
+              writers["activation_stats"], first)
+        for chunk in range(0, n, 8192):  # top examples in slices: their Python rows are large
+            columns = example_columns(rng, model, dataset, range(chunk, min(n, chunk + 8192)), args.examples, vocab)
+            write(store, TopExample, columns, activations_job, writers["top_examples"], first and chunk == 0)
+        for other in models:
+            if other.id != model.id:
+                job = job_row(store, "correlations", model, dataset, other)
+                write(store, NeuronCorrelation, correlation_columns(rng, model, other, dataset, n, universal), job,
+                      writers["neuron_correlations"], first and other.id == models[1].id)
+        print(f"filled {model.name}: {time.perf_counter() - start:,.0f} s so far", flush=True)
+    with store.engine.connect() as connection:
+        connection.exec_driver_sql("ANALYZE")
+    print(f"atlas filled in {time.perf_counter() - start:,.0f} s: {args.seeds} models x {n:,} neurons")
+    for name, times in writers.items():
+        ratio = (times.rows / times.seconds) / (times.raw_rows / times.raw_seconds)
+        print(f"writer {name}: {times.rows / times.seconds:,.0f} rows/s; raw binary COPY "
+              f"{times.raw_rows / times.raw_seconds:,.0f} rows/s")
+        report.add("writer", f"{name} rows/s vs raw COPY", ratio, WRITER_GOAL, higher_is_better=True, unit="x")
+    return models, dataset
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+def readme_queries() -> list[str]:
+    blocks = re.findall(r"```sql\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    statements = [s.strip() for block in blocks for s in block.split(";")]
+    return [s for s in statements if s and not all(line.startswith("--") for line in s.splitlines())]
+
+
+def time_queries(store, report: Report) -> None:
+    from sqlalchemy import text
+
+    for query in readme_queries():
+        label = next((line[3:] for line in query.splitlines() if line.startswith("-- ")), query.splitlines()[0])
+        with store.engine.connect() as connection, timed() as elapsed:
+            connection.execute(text(query)).fetchall()
+        report.add("query", f"README: {label[:60]}", elapsed(), QUERY_GOAL_S)
+
+
+def time_card(store, models, args: argparse.Namespace, report: Report) -> None:
+    from atlas.read import queries
+    from atlas.read.card import load_card
+
+    info = queries.model_info(store.engine, models[0].name)
+    load_card(store.engine, info, 0, 0)  # the connection pool's first connection is not the card's cost
+    with timed() as elapsed:
+        load_card(store.engine, info, args.layers // 2, args.d_mlp // 3)
+    report.add("card", "neuron card (every query of it)", elapsed(), CARD_GOAL_S)
+
+
+def time_pages(url: str, report: Report) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["ATLAS_DATABASE_URL"] = url
+    app = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=600)
+    app.run()
+    for page in ("overview", "families", "card", "compare", "layers", "sql"):
+        with timed() as elapsed:
+            app.switch_page(f"app_pages/{page}.py").run()
+        failed = [exception.value for exception in app.exception]
+        report.add("page", f"{page}{' (FAILED: ' + failed[0][:40] + ')' if failed else ''}", elapsed(), PAGE_GOAL_S)
+
+
+def main() -> None:
+    args = parse_args()
+    from atlas.store import Store
+
+    url = fresh_database(args.admin_url, args.name)
+    report = Report()
+    try:
+        store = Store(url, check=False)
+        store.upgrade()
+        models, _ = fill(store, args, report)
+        time_queries(store, report)
+        time_card(store, models, args, report)
+        time_pages(url, report)
+        store.dispose()
+        report.print()
+    finally:
+        if not args.keep:
+            drop_database(args.admin_url, args.name)
+        else:
+            print(f"kept: atlas app --db {url}")
+
+
+if __name__ == "__main__":
+    main()
