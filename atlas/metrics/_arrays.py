@@ -15,16 +15,20 @@ ArrayLike = torch.Tensor | np.ndarray
 Device = torch.device | str
 
 
+def as_tensor(x: ArrayLike, device: Device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x as a tensor on `device`, in `dtype` (default: its own); a copy only where either changes."""
+    tensor = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+
 def as_float64_tensor(x: ArrayLike, device: Device = "cpu") -> torch.Tensor:
     """A float64 tensor on `device` with the values of x (a copy unless x is float64 there already)."""
-    tensor = torch.as_tensor(x) if isinstance(x, np.ndarray) else x.detach()
-    return tensor.to(device=device, dtype=torch.float64)
+    return as_tensor(x, device, torch.float64)
 
 
 def as_float32_tensor(x: ArrayLike, device: Device = "cpu") -> torch.Tensor:
     """A float32 tensor on `device` (bfloat16/float16 are widened exactly; float64 is rounded)."""
-    tensor = torch.as_tensor(x) if isinstance(x, np.ndarray) else x.detach()
-    return tensor.to(device=device, dtype=torch.float32)
+    return as_tensor(x, device, torch.float32)
 
 
 def accumulator_device(device: Device) -> torch.device:
@@ -32,6 +36,16 @@ def accumulator_device(device: Device) -> torch.device:
     has no float64 (its accumulators stay on the CPU)."""
     device = torch.device(device)
     return torch.device("cpu") if device.type == "mps" else device
+
+
+def reused_buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """A work buffer kept between batches in `buffers` (reallocated when the batch shape changes): fresh
+    allocations of batch size cost page faults comparable to the vector work itself."""
+    buffer = buffers.get(name)
+    if buffer is None or buffer.shape != torch.Size(shape):
+        buffer = buffers[name] = torch.empty(shape, device=device, dtype=dtype)
+    return buffer
 
 
 def host(tensor: torch.Tensor) -> np.ndarray:

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from atlas.errors import AtlasError
-from atlas.metrics._arrays import ArrayLike, Device, accumulator_device, as_float32_tensor, host
+from atlas.metrics._arrays import (ArrayLike, Device, accumulator_device, as_float32_tensor, as_tensor, host,
+                                   reused_buffer)
 
 DEFAULT_FLUSH_TOKENS = 16384
 PRECISIONS = ("float64", "float32", "tf32", "bfloat16")
@@ -70,10 +71,7 @@ class CorrelationAccumulator:
         device: Device = "cpu",
         precision: str = "float32",
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-        self.precision = precision
-        self.work_dtype = torch.float64 if precision == "float64" else torch.float32
+        self.precision, self.work_dtype = precision, work_dtype(precision)
         self.device = accumulator_device(device)
         self.n_a = n_a
         self.layer_sizes_b = [int(size) for size in layer_sizes_b]
@@ -121,10 +119,7 @@ class CorrelationAccumulator:
     # -- accumulation ----------------------------------------------------------------------
     def update(self, xa: ArrayLike, xb: ArrayLike) -> None:
         """Add one batch: xa [n, n_a] and xb [n, n_b] activations of the SAME n token positions."""
-        xa32 = xa.detach().to(self.device, self.work_dtype) if isinstance(xa, torch.Tensor) else \
-            torch.as_tensor(xa).to(self.device, self.work_dtype)
-        xb32 = xb.detach().to(self.device, self.work_dtype) if isinstance(xb, torch.Tensor) else \
-            torch.as_tensor(xb).to(self.device, self.work_dtype)
+        xa32, xb32 = as_tensor(xa, self.device, self.work_dtype), as_tensor(xb, self.device, self.work_dtype)
         if xa32.ndim != 2 or xb32.ndim != 2 or xa32.shape[0] != xb32.shape[0]:
             raise ValueError(f"xa {tuple(xa32.shape)} and xb {tuple(xb32.shape)} must be [n, features] with equal n")
         if xa32.shape[1] != self.n_a or xb32.shape[1] != self.n_b:
@@ -135,8 +130,7 @@ class CorrelationAccumulator:
             self.shift_a = xa32.mean(dim=0, dtype=torch.float64).float()
         if self.shift_b is None:
             self.shift_b = xb32.mean(dim=0, dtype=torch.float64).float()
-        # shifted copies in reused buffers (inputs untouched): fresh allocations of this size
-        # cost page faults comparable to the vector work itself
+        # shifted copies in reused buffers: the inputs stay untouched
         shift_a, shift_b = self.shift_a.to(self.work_dtype), self.shift_b.to(self.work_dtype)
         ya = torch.sub(xa32, shift_a, out=self._scratch("ya", xa32.shape))
         yb = torch.sub(xb32, shift_b, out=self._scratch("yb", xb32.shape))
@@ -146,13 +140,8 @@ class CorrelationAccumulator:
         self._accumulate_products(ya, yb)
         self.n += xa32.shape[0]
 
-    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or self.work_dtype
-        """A work buffer kept between updates (reallocated when the batch shape changes)."""
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.shape != torch.Size(shape) or buffer.dtype != dtype:
-            buffer = self._buffers[name] = torch.empty(shape, device=self.device, dtype=dtype)
-        return buffer
+    def _scratch(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return reused_buffer(self._buffers, name, tuple(shape), self.device, self.work_dtype)
 
     @staticmethod
     def _update_vectors(raw, shifted, squares, total, total_sq, maximum, minimum) -> None:
@@ -273,7 +262,7 @@ class CorrelationAccumulator:
         self.flush()
         empty = np.zeros(0, dtype=np.float32)
 
-        def host(tensor: torch.Tensor) -> np.ndarray:  # shares memory on the CPU, copies from a device
+        def shared(tensor: torch.Tensor) -> np.ndarray:  # shares memory on the CPU, copies from a device
             return tensor.cpu().numpy()
 
         return {
@@ -283,22 +272,29 @@ class CorrelationAccumulator:
             "track_gram": np.array(self.track_gram),
             "flush_tokens": np.array(self.flush_tokens, dtype=np.int64),
             "precision": np.array(self.precision),
-            "shift_a": empty if self.shift_a is None else host(self.shift_a),
-            "shift_b": empty if self.shift_b is None else host(self.shift_b),
-            "sum_a": host(self.sum_a), "sumsq_a": host(self.sumsq_a),
-            "sum_b": host(self.sum_b), "sumsq_b": host(self.sumsq_b),
-            "max_a": host(self.max_a), "min_a": host(self.min_a),
-            "max_b": host(self.max_b), "min_b": host(self.min_b),
-            "cross": host(self.cross),
-            "grams": np.concatenate([host(g).reshape(-1) for g in self.grams]) if self.grams else empty.astype(np.float64),
+            "shift_a": empty if self.shift_a is None else shared(self.shift_a),
+            "shift_b": empty if self.shift_b is None else shared(self.shift_b),
+            "sum_a": shared(self.sum_a), "sumsq_a": shared(self.sumsq_a),
+            "sum_b": shared(self.sum_b), "sumsq_b": shared(self.sumsq_b),
+            "max_a": shared(self.max_a), "min_a": shared(self.min_a),
+            "max_b": shared(self.max_b), "min_b": shared(self.min_b),
+            **self._products_state(),
         }
+
+    def _products_state(self) -> dict[str, np.ndarray]:
+        """cross and the Gram matrices (flattened end to end), as numpy; shared memory on the CPU."""
+        grams = [g.cpu().numpy().reshape(-1) for g in self.grams]
+        return {"cross": self.cross.cpu().numpy(),
+                "grams": np.concatenate(grams) if grams else np.zeros(0, dtype=np.float64)}
+
+    def _load_products(self, state: dict[str, np.ndarray]) -> None:
+        self.cross = _state_tensor(state, "cross", self.device)
+        if self.track_gram:
+            sizes, flat = self.layer_sizes_b, _state_tensor(state, "grams", self.device)
+            self.grams = [g.reshape(d, d) for g, d in zip(torch.split(flat, [d * d for d in sizes]), sizes)]
 
     @classmethod
     def from_state_dict(cls, state: dict[str, np.ndarray], device: Device = "cpu") -> CorrelationAccumulator:
-        def tensor(key: str) -> torch.Tensor:
-            array = np.asarray(state[key])
-            return torch.from_numpy(array if array.flags.writeable else array.copy()).to(accumulator.device)
-
         layer_sizes = [int(d) for d in state["layer_sizes_b"]]
         shift_a, shift_b = np.asarray(state["shift_a"]), np.asarray(state["shift_b"])
         accumulator = cls(
@@ -309,12 +305,24 @@ class CorrelationAccumulator:
             precision=str(state["precision"]) if "precision" in state else "float32",
         )
         accumulator.n = int(state["n"])
-        for key in ("sum_a", "sumsq_a", "sum_b", "sumsq_b", "max_a", "min_a", "max_b", "min_b", "cross"):
-            setattr(accumulator, key, tensor(key))
-        if accumulator.track_gram:
-            flat = tensor("grams")
-            accumulator.grams = [g.reshape(d, d) for g, d in zip(torch.split(flat, [d * d for d in layer_sizes]), layer_sizes)]
+        for key in ("sum_a", "sumsq_a", "sum_b", "sumsq_b", "max_a", "min_a", "max_b", "min_b"):
+            setattr(accumulator, key, _state_tensor(state, key, accumulator.device))
+        accumulator._load_products(state)
         return accumulator
+
+
+def work_dtype(precision: str) -> torch.dtype:
+    """The dtype a precision shifts and multiplies in: float64 for float64, else float32 (tf32 and
+    bfloat16 are float32 tensors with a rounded product)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return torch.float64 if precision == "float64" else torch.float32
+
+
+def _state_tensor(state: dict[str, np.ndarray], key: str, device: torch.device) -> torch.Tensor:
+    """A checkpoint array as a tensor on the device (copied first if numpy holds it read-only)."""
+    array = np.asarray(state[key])
+    return torch.from_numpy(array if array.flags.writeable else array.copy()).to(device)
 
 
 class ModelColumns:
@@ -327,11 +335,8 @@ class ModelColumns:
     """
 
     def __init__(self, n_features: int, device: Device = "cpu", precision: str = "float32") -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-        self.n_features, self.precision = n_features, precision
+        self.n_features, self.precision, self.work_dtype = n_features, precision, work_dtype(precision)
         self.device = accumulator_device(device)
-        self.work_dtype = torch.float64 if precision == "float64" else torch.float32
         work, f64 = dict(dtype=self.work_dtype, device=self.device), dict(dtype=torch.float64, device=self.device)
         self.n = 0
         self.shift: torch.Tensor | None = None
@@ -340,8 +345,7 @@ class ModelColumns:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def update(self, x: ArrayLike) -> torch.Tensor:
-        raw = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
-        raw = raw.to(self.device, self.work_dtype)
+        raw = as_tensor(x, self.device, self.work_dtype)
         if raw.ndim != 2 or raw.shape[1] != self.n_features:
             raise ValueError(f"expected activations [n, {self.n_features}], got {tuple(raw.shape)}")
         if self.shift is None and raw.shape[0]:
@@ -357,10 +361,7 @@ class ModelColumns:
         return shifted
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.shape != torch.Size(shape):
-            buffer = self._buffers[name] = torch.empty(shape, device=self.device, dtype=self.work_dtype)
-        return buffer
+        return reused_buffer(self._buffers, name, tuple(shape), self.device, self.work_dtype)
 
     @staticmethod
     def estimate_bytes(n_features: int, batch_positions: int, precision: str = "float32") -> int:
@@ -374,14 +375,17 @@ class ModelColumns:
                 "shift": np.zeros(0, dtype=np.float32) if self.shift is None else host(self.shift),
                 "sum": host(self.sum), "sumsq": host(self.sumsq), "max": host(self.max), "min": host(self.min)}
 
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore in place: the accumulators that share these columns keep seeing them."""
+        self.n = int(state["n"])
+        self.shift = _state_tensor(state, "shift", self.device) if np.asarray(state["shift"]).size else None
+        for name in ("sum", "sumsq", "max", "min"):
+            setattr(self, name, _state_tensor(state, name, self.device))
+
     @classmethod
     def from_state_dict(cls, state: dict[str, np.ndarray], device: Device = "cpu") -> ModelColumns:
         columns = cls(int(np.asarray(state["sum"]).shape[0]), device, str(state["precision"]))
-        columns.n = int(state["n"])
-        shift = np.asarray(state["shift"])
-        columns.shift = torch.from_numpy(shift.copy()).to(columns.device) if shift.size else None
-        for name in ("sum", "sumsq", "max", "min"):
-            setattr(columns, name, torch.from_numpy(np.array(state[name])).to(columns.device))
+        columns.load_state_dict(state)
         return columns
 
 
@@ -433,17 +437,11 @@ class SharedCorrelationAccumulator(CorrelationAccumulator):
     def state_dict(self) -> dict[str, np.ndarray]:
         """The products only (the vectors are saved with the models' columns)."""
         self.flush()
-        empty = np.zeros(0, dtype=np.float64)
-        return {"n": np.array(self.n, dtype=np.int64), "cross": self.cross.cpu().numpy(),
-                "grams": np.concatenate([g.cpu().numpy().reshape(-1) for g in self.grams]) if self.grams else empty}
+        return {"n": np.array(self.n, dtype=np.int64), **self._products_state()}
 
     def load_products(self, state: dict[str, np.ndarray]) -> None:
         self.n = int(state["n"])
-        self.cross = torch.from_numpy(np.array(state["cross"])).to(self.device)
-        if self.track_gram:
-            flat = torch.from_numpy(np.array(state["grams"])).to(self.device)
-            sizes = self.layer_sizes_b
-            self.grams = [g.reshape(d, d) for g, d in zip(torch.split(flat, [d * d for d in sizes]), sizes)]
+        self._load_products(state)
 
 
 @contextlib.contextmanager
@@ -495,13 +493,10 @@ class TransposedView:
     def cross_covariance(self, rows: slice = slice(None), columns: slice = slice(None)) -> np.ndarray:
         return self.source.cross_covariance(columns, rows).T
 
-    def correlations(self, rows: slice = slice(None)) -> np.ndarray:
-        covariance = self.cross_covariance(rows)
-        scale = np.sqrt(np.outer(self.variances_a()[rows], self.variances_b()))
-        return _safe_ratio(covariance, scale)
-
-    def locate(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return CorrelationAccumulator.locate(self, columns)  # type: ignore[arg-type]  # uses the layer fields only
+    # The accumulator's own formulas, on the transposed statistics (they use only the methods above and
+    # the layer fields).
+    correlations = CorrelationAccumulator.correlations
+    locate = CorrelationAccumulator.locate
 
     def layer_covariance(self, index: int) -> np.ndarray:
         raise ValueError("the transposed view has no Gram matrices of A: pass layer_covariances")

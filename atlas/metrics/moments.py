@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from atlas.metrics._arrays import ArrayLike, Device, accumulator_device, as_float64_tensor, host
+from atlas.metrics._arrays import ArrayLike, Device, accumulator_device, as_float64_tensor, as_tensor, host
 
 _STATE_KEYS = ("n", "mean", "m2", "m3", "m4", "max", "min", "n_active")
 
@@ -32,24 +32,11 @@ class _Moments:
     m4: torch.Tensor
 
 
-def _batch_moments(x: torch.Tensor) -> _Moments:
-    """Two-pass central moments of a float64 batch [n, features]."""
+def _batch_moments(x: torch.Tensor, *, overwrite: bool = False) -> _Moments:
+    """Two-pass central moments of a float64 batch [n, features]; overwrite=True lets the deviations
+    replace x in place (two passes fewer over the batch, the same sums)."""
     mean = x.mean(dim=0)
-    deviation = x - mean
-    squared = deviation * deviation
-    return _Moments(
-        n=x.shape[0],
-        mean=mean,
-        m2=squared.sum(dim=0),
-        m3=(squared * deviation).sum(dim=0),
-        m4=(squared * squared).sum(dim=0),
-    )
-
-
-def _owned_batch_moments(x: torch.Tensor) -> _Moments:
-    """_batch_moments of a float64 batch this call may overwrite (in place: two passes fewer, same sums)."""
-    mean = x.mean(dim=0)
-    deviation = x.sub_(mean)
+    deviation = x.sub_(mean) if overwrite else x - mean
     squared = deviation * deviation
     m2, m3 = squared.sum(dim=0), (squared * deviation).sum(dim=0)
     return _Moments(n=x.shape[0], mean=mean, m2=m2, m3=m3, m4=squared.square_().sum(dim=0))
@@ -114,7 +101,7 @@ class StreamingMoments:
 
     def update(self, x: ArrayLike) -> None:
         """Add a batch x [n_positions, n_features] (torch of any float dtype, or numpy)."""
-        raw = (x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x)).to(self.device)
+        raw = as_tensor(x, self.device)
         if raw.ndim != 2 or raw.shape[1] != self.n_features:
             raise ValueError(
                 f"expected activations [n_positions, {self.n_features}], got {tuple(raw.shape)}"
@@ -127,7 +114,7 @@ class StreamingMoments:
         torch.minimum(self._min, batch_min.to(torch.float64), out=self._min)
         self._n_active += torch.count_nonzero(raw > 0, dim=0)
         owned = raw.to(torch.float64, copy=True)  # a copy this update may overwrite
-        self._moments = _merge(self._moments, _owned_batch_moments(owned))
+        self._moments = _merge(self._moments, _batch_moments(owned, overwrite=True))
 
     def merge(self, other: StreamingMoments) -> None:
         """Fold another accumulator (e.g. from another shard of the data) into this one."""
