@@ -266,8 +266,10 @@ def bench_job(args: argparse.Namespace) -> None:
 def planned_pass_bytes(store, config) -> tuple[int, int]:
     """What the job's planner counts for its largest pass (accumulators, covariances, each model's statistics
     and batch buffers), and the float32 weights of the models that pass loads."""
+    from atlas.modeling import load_model
     from atlas.registry import resolve_dataset, resolve_models
-    from ingest.correlations import gram_bytes, model_pass_bytes, pack_passes, pair_blocks, parse_bytes, same_step_pairs
+    from ingest.correlation_plan import pass_bytes
+    from ingest.correlations import pack_passes, pair_blocks, parse_bytes, same_step_pairs
 
     with store.session() as session:
         models = resolve_models(session, None, config.family)
@@ -275,20 +277,11 @@ def planned_pass_bytes(store, config) -> tuple[int, int]:
     budget, positions = parse_bytes(config.memory_budget), config.batch_size * dataset.ctx_len
     blocks = [block for a, b in same_step_pairs(models)
               for block in pair_blocks(a, b, dataset.id, budget, config.precision, positions)]
-    largest, weights = 0, 0
-    for units in pack_passes(blocks, budget, positions):
-        grams = {key: sizes for block in units for key, sizes in block.gram_sizes().items()}
-        widths = {block.a_id: block.a_width for block in units} | {block.b_id: block.b_width for block in units}
-        held = (sum(block.accumulator_bytes() for block in units) + sum(gram_bytes(s, config.precision) for s in grams.values())
-                + sum(model_pass_bytes(width, positions, config.precision) for width in widths.values()))
-        if held > largest:
-            from atlas.modeling import load_model
-
-            largest = held
-            weights = sum(sum(p.numel() * 4 for p in load_model(m.source).model.parameters())
-                          for m in models if m.id in widths)
-    return largest, weights
-
+    largest = max(pack_passes(blocks, budget, positions), key=lambda units: pass_bytes(units, positions))
+    loaded = {block.a_id for block in largest} | {block.b_id for block in largest}
+    weights = sum(sum(p.numel() * 4 for p in load_model(m.source).model.parameters())
+                  for m in models if m.id in loaded)
+    return pass_bytes(largest, positions), weights
 
 if __name__ == "__main__":
     main()

@@ -197,8 +197,9 @@ def _example_rows(values: np.ndarray, keys: np.ndarray, payload: np.ndarray, d_m
     order = keys.T.reshape(-1)  # feature by feature, rank by rank
     windows = tokens.context_windows(order // tokens.ctx_len, order % tokens.ctx_len, config.context_before,
                                      config.context_after)
-    for (feature, rank), (ids, highlight) in zip(itertools.product(range(n_features), range(n_ranks)), windows):
-        row, position = divmod(int(keys[rank, feature]), tokens.ctx_len)
+    for (feature, rank), key, (ids, highlight) in zip(itertools.product(range(n_features), range(n_ranks)),
+                                                      order.tolist(), windows):
+        row, position = divmod(key, tokens.ctx_len)
         first = config.context_before - highlight  # offset of the window's first token in the payload
         columns["layer"].append(feature // d_mlp)
         columns["neuron"].append(feature % d_mlp)

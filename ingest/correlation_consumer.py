@@ -10,7 +10,6 @@ import torch
 
 from atlas.errors import AtlasError
 from atlas.metrics.correlation import (
-    CorrelationAccumulator,
     ModelColumns,
     SharedCorrelationAccumulator,
     TransposedView,
@@ -35,13 +34,11 @@ class CorrelationConsumer:
         self.models = {model_id: ModelColumns(width, self.device, self.precision)
                        for model_id, width in self.widths.items()}
         self.pairs = [self._pair_accumulator(block) for block in blocks]
-        self._gram_columns: dict[tuple[int, int, int], slice] = {}
         self.grams: dict[tuple[int, int, int], SharedCorrelationAccumulator] = {}
         for block in blocks:
             for key, columns, sizes in ((block.a_gram_key, block.a_columns, block.a_layer_sizes),
                                         (block.b_gram_key, block.b_columns, block.b_layer_sizes)):
                 if key not in self.grams:
-                    self._gram_columns[key] = columns
                     self.grams[key] = self._gram_accumulator(key, columns, sizes)
 
     def _pair_accumulator(self, block: Block) -> SharedCorrelationAccumulator:
@@ -59,8 +56,8 @@ class CorrelationConsumer:
         shifted = {model_id: columns.update(step.activations[model_id]) for model_id, columns in self.models.items()}
         for block, accumulator in zip(self.blocks, self.pairs):
             accumulator.update_products(shifted[block.a_id][:, block.a_columns], shifted[block.b_id][:, block.b_columns])
-        for key, accumulator in self.grams.items():
-            y = shifted[key[0]][:, self._gram_columns[key]]
+        for (model_id, _, _), accumulator in self.grams.items():
+            y = shifted[model_id][:, accumulator.columns_b]
             accumulator.update_products(y[:, :0], y)
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -78,9 +75,7 @@ class CorrelationConsumer:
             return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
         for model_id, columns in self.models.items():  # in place: the accumulators hold these objects
-            loaded = ModelColumns.from_state_dict(part(f"model{model_id}/"), self.device)
-            columns.n, columns.shift = loaded.n, loaded.shift
-            columns.sum, columns.sumsq, columns.max, columns.min = loaded.sum, loaded.sumsq, loaded.max, loaded.min
+            columns.load_state_dict(part(f"model{model_id}/"))
         for index, accumulator in enumerate(self.pairs):
             accumulator.load_products(part(f"pair{index}/"))
         for index, accumulator in enumerate(self.grams.values()):
@@ -89,24 +84,26 @@ class CorrelationConsumer:
     def results(self, baseline_seed: int) -> dict[JobKey, dict[str, np.ndarray]]:
         """Per block, both directions: a_* for A's neurons against B's layers, b_* for B's against A's
         (max_corr, partner_layer / partner_neuron (-1: none), baseline_max_corr per neuron)."""
+        if any(accumulator.n == 0 for accumulator in self.pairs):
+            raise AtlasError("the dataset holds no token positions for statistics (only special tokens?): "
+                             "register a dataset with more text")
+        # each layer group's covariances once, whatever the number of blocks that rotate it
+        covariances = {key: [gram.layer_covariance(i) for i in range(len(gram.layer_sizes_b))]
+                       for key, gram in self.grams.items()}
         results = {}
         for block, accumulator in zip(self.blocks, self.pairs):
-            if accumulator.n == 0:
-                raise AtlasError("the dataset holds no token positions for statistics (only special tokens?): "
-                                 "register a dataset with more text")
             transposed = TransposedView(accumulator, block.a_layer_sizes, range(block.a_start, block.a_stop))
             results[block.key] = {
-                **self._direction("a", accumulator, self.grams[block.b_gram_key], baseline_seed),
-                **self._direction("b", transposed, self.grams[block.a_gram_key], baseline_seed),
+                **self._direction("a", accumulator, covariances[block.b_gram_key], baseline_seed),
+                **self._direction("b", transposed, covariances[block.a_gram_key], baseline_seed),
             }
         return results
 
     @staticmethod
-    def _direction(side: str, rows_against_columns, other_gram: CorrelationAccumulator,
+    def _direction(side: str, rows_against_columns, covariances: list[np.ndarray],
                    baseline_seed: int) -> dict[str, np.ndarray]:
         """The rows' maxima over the columns' neurons, their partners, and the baseline with the columns'
-        layers rotated (their covariances measured once per layer group)."""
-        covariances = [other_gram.layer_covariance(i) for i in range(len(other_gram.layer_sizes_b))]
+        layers rotated (their covariances given)."""
         best, column = max_correlations(rows_against_columns)
         partner_layer, partner_neuron = rows_against_columns.locate(column)
         baseline, _ = rotated_baseline_max(rows_against_columns, baseline_seed, layer_covariances=covariances)

@@ -7,6 +7,7 @@ layer_grid). Blocks are packed into passes over the data whose accumulators fit 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from atlas.errors import AtlasError
@@ -43,9 +44,9 @@ class Block:
     b_stop: int
     b_d_mlp: int
     sharded: bool  # False: the block is the whole pair and writes its rows directly
-    precision: str = "float32"  # of the per-batch product (the accumulators' buffers follow it)
-    a_n_layers: int = 0  # the models' layer counts (their whole widths share one ModelColumns per pass)
-    b_n_layers: int = 0
+    precision: str  # of the per-batch product (the accumulators' buffers follow it)
+    a_n_layers: int  # the models' layer counts (their whole widths share one ModelColumns per pass)
+    b_n_layers: int
 
     @property
     def a_columns(self) -> slice:
@@ -84,8 +85,8 @@ class Block:
         return {self.a_gram_key: self.a_layer_sizes, self.b_gram_key: self.b_layer_sizes}
 
     def accumulator_bytes(self) -> int:
-        return CorrelationAccumulator.estimate_bytes(self.a_stop * self.a_d_mlp - self.a_start * self.a_d_mlp,
-                                                     self.b_layer_sizes, track_gram=False, precision=self.precision)
+        return CorrelationAccumulator.estimate_bytes(sum(self.a_layer_sizes), self.b_layer_sizes, track_gram=False,
+                                                     precision=self.precision)
 
 
 def gram_bytes(layer_sizes: list[int], precision: str = "float32") -> int:
@@ -115,39 +116,32 @@ def pair_blocks(a: Model, b: Model, dataset_id: int, budget: int, precision: str
     blocks = []
     for a_layers, b_layers in grid:
         shard = f"a{a_layers.start}:{a_layers.stop}/b{b_layers.start}:{b_layers.stop}" if sharded else None
-        key = JobKey(KIND, model_id=a.id, dataset_id=dataset_id, other_model_id=b.id, shard=shard)
+        key = dataclasses.replace(pair_key(a, b, dataset_id), shard=shard)
         blocks.append(Block(key, a.id, b.id, a_layers.start, a_layers.stop, a.d_mlp,
                             b_layers.start, b_layers.stop, b.d_mlp, sharded, precision, a.n_layers, b.n_layers))
     return blocks
 
 
+def pass_bytes(units: list[Block], batch_positions: int) -> int:
+    """What a pass of these blocks holds: their accumulators, each layer group's covariances once (shared
+    by the blocks of the pass) and each model's statistics and batch buffers once."""
+    grams = {key: (sizes, block.precision) for block in units for key, sizes in block.gram_sizes().items()}
+    models = {}
+    for block in units:
+        models[block.a_id], models[block.b_id] = (block.a_width, block.precision), (block.b_width, block.precision)
+    return (sum(block.accumulator_bytes() for block in units)
+            + sum(gram_bytes(sizes, precision) for sizes, precision in grams.values())
+            + sum(model_pass_bytes(width, batch_positions, precision) for width, precision in models.values()))
+
+
 def pack_passes(blocks: list[Block], budget: int, batch_positions: int = 0) -> list[list[Block]]:
-    """Greedy packing of blocks into passes that fit the budget together: their accumulators, the layer
-    covariances (one per layer group, shared by the blocks of a pass) and each model's batch buffers
-    (once per pass, whatever the number of its blocks).
+    """Greedy packing of blocks into passes whose pass_bytes fit the budget.
 
     Each block fits alone (pair_blocks counted the rest), so every pass gets one."""
     passes: list[list[Block]] = []
-    current: list[Block] = []
-    used, grams, models = 0, set(), set()
-
-    def extra_bytes(block: Block) -> int:
-        new_grams = {key: sizes for key, sizes in block.gram_sizes().items() if key not in grams}
-        new_models = {block.a_id: block.a_width, block.b_id: block.b_width}.items()
-        return (block.accumulator_bytes() + sum(gram_bytes(sizes, block.precision) for sizes in new_grams.values())
-                + sum(model_pass_bytes(width, batch_positions, block.precision)
-                      for model_id, width in new_models if model_id not in models))
-
     for block in blocks:
-        extra = extra_bytes(block)
-        if current and used + extra > budget:
-            passes.append(current)
-            current, used, grams, models = [], 0, set(), set()
-            extra = extra_bytes(block)
-        current.append(block)
-        used += extra
-        grams.update(block.gram_sizes())
-        models.update((block.a_id, block.b_id))
-    if current:
-        passes.append(current)
+        if passes and pass_bytes(passes[-1] + [block], batch_positions) <= budget:
+            passes[-1].append(block)
+        else:
+            passes.append([block])
     return passes

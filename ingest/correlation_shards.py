@@ -66,24 +66,23 @@ def load_shard(block: Block, job_id: int, context: RunContext) -> dict[str, np.n
 def combine_blocks(parts: list[tuple[Block, dict[str, np.ndarray]]], a: Model, b: Model) -> dict[str, np.ndarray]:
     """A pair's per-neuron results from its blocks, both directions: each side's best over the other side's
     layer groups (the earlier group wins ties, as the first column does in one block)."""
-    combined = {}
-    for side, own, model in (("a", lambda blk: (blk.a_start, blk.a_stop, blk.a_d_mlp), a),
-                             ("b", lambda blk: (blk.b_start, blk.b_stop, blk.b_d_mlp), b)):
-        other_start = (lambda blk: blk.b_start) if side == "a" else (lambda blk: blk.a_start)
-        n = model.n_layers * model.d_mlp
-        out = {f"{side}_max_corr": np.full(n, np.nan), f"{side}_baseline_max_corr": np.full(n, np.nan),
-               f"{side}_partner_layer": np.full(n, -1, dtype=np.int64),
-               f"{side}_partner_neuron": np.full(n, -1, dtype=np.int64)}
-        groups: dict[tuple[int, int, int], list[dict[str, np.ndarray]]] = {}
-        for block, result in sorted(parts, key=lambda part: (own(part[0]), other_start(part[0]))):
-            groups.setdefault(own(block), []).append(result)
-        for (start, stop, d_mlp), results in groups.items():
-            neurons = slice(start * d_mlp, stop * d_mlp)
-            best, layer, neuron = combine_maxima([r[f"{side}_max_corr"] for r in results],
-                                                 [r[f"{side}_partner_layer"] for r in results],
-                                                 [r[f"{side}_partner_neuron"] for r in results])
-            (baseline,) = combine_maxima([r[f"{side}_baseline_max_corr"] for r in results])
-            out[f"{side}_max_corr"][neurons], out[f"{side}_baseline_max_corr"][neurons] = best, baseline
-            out[f"{side}_partner_layer"][neurons], out[f"{side}_partner_neuron"][neurons] = layer, neuron
-        combined.update(out)
-    return combined
+    return {**_combine_side(parts, "a", a), **_combine_side(parts, "b", b)}
+
+
+def _combine_side(parts: list[tuple[Block, dict[str, np.ndarray]]], side: str, model: Model) -> dict[str, np.ndarray]:
+    other = "b" if side == "a" else "a"
+    n = model.n_layers * model.d_mlp
+    out = {f"{side}_max_corr": np.full(n, np.nan), f"{side}_baseline_max_corr": np.full(n, np.nan),
+           f"{side}_partner_layer": np.full(n, -1, dtype=np.int64),
+           f"{side}_partner_neuron": np.full(n, -1, dtype=np.int64)}
+    by_group: dict[tuple[int, int], list[dict[str, np.ndarray]]] = {}  # this side's columns -> block results
+    for block, result in sorted(parts, key=lambda part: getattr(part[0], f"{other}_start")):
+        columns = getattr(block, f"{side}_columns")
+        by_group.setdefault((columns.start, columns.stop), []).append(result)
+    for (start, stop), results in by_group.items():
+        best, layer, neuron = combine_maxima(*([r[f"{side}_{name}"] for r in results]
+                                               for name in ("max_corr", "partner_layer", "partner_neuron")))
+        (baseline,) = combine_maxima([r[f"{side}_baseline_max_corr"] for r in results])
+        out[f"{side}_max_corr"][start:stop], out[f"{side}_baseline_max_corr"][start:stop] = best, baseline
+        out[f"{side}_partner_layer"][start:stop], out[f"{side}_partner_neuron"][start:stop] = layer, neuron
+    return out

@@ -223,11 +223,7 @@ class TokenizedDataset:
 
     def context_window(self, row: int, position: int, before: int = 24, after: int = 4) -> tuple[np.ndarray, int]:
         """Token ids around (row, position), clipped to the row, and the firing token's index in them."""
-        length = int(self.lengths[row])
-        if not 0 <= position < length:
-            raise IndexError(f"position {position} is outside row {row} of length {length}")
-        first = max(0, position - before)
-        return np.array(self.ids[row, first : min(length, position + after + 1)]), position - first
+        return next(self.context_windows(np.array([row]), np.array([position]), before, after))
 
 
     def context_windows(self, rows: np.ndarray, positions: np.ndarray, before: int = 24,
