@@ -171,6 +171,10 @@ class Neuron(Base):
     vocab_skew: Mapped[Optional[float]] = mapped_column(Float)
     vocab_kurt: Mapped[Optional[float]] = mapped_column(Float)
     vocab_class: Mapped[str] = mapped_column(String(20))
+    # Entropy neurons: the share of ||w_out||^2 in the effective null space of the processed unembedding
+    # (its bottom singular directions), and what a random direction gets (k / d_model). NULL before 0005.
+    null_frac: Mapped[Optional[float]] = mapped_column(Float)
+    null_frac_random: Mapped[Optional[float]] = mapped_column(Float)
     job_id: Mapped[Optional[int]] = _job_fk()
 
 
@@ -292,6 +296,132 @@ class LayerStat(Base):
     attn_prev5: Mapped[Optional[float]] = mapped_column(Float)
     attn_out_norm: Mapped[float] = mapped_column(Float)
     mlp_out_norm: Mapped[float] = mapped_column(Float)
+    job_id: Mapped[Optional[int]] = _job_fk()
+
+
+# --- functional roles ----------------------------------------------------------------------------
+
+
+class TokenFeature(Base):
+    """A named boolean over a tokenizer's vocabulary (computed from the decoded tokens), stored per tokenizer."""
+
+    __tablename__ = "token_features"
+
+    tokenizer_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    feature: Mapped[str] = mapped_column(String(50), primary_key=True)
+    description: Mapped[str] = mapped_column(Text)
+    n_tokens: Mapped[int]
+    token_ids: Mapped[list[int]] = mapped_column(JSON)
+
+
+class NeuronLabel(Base):
+    """The top features of a neuron by variance reduction, per source: 'vocab' (its vocabulary effect
+    W_U . w_out, dataset_id NULL), 'current_token' and 'next_token' (its activation on a dataset)."""
+
+    __tablename__ = "neuron_labels"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    dataset_id: Mapped[Optional[int]] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    layer: Mapped[int]
+    neuron: Mapped[int]
+    source: Mapped[str] = mapped_column(String(20))  # 'vocab' | 'current_token' | 'next_token'
+    rank: Mapped[int]  # 0 = the feature that explains the most variance
+    feature: Mapped[str] = mapped_column(String(50))
+    score: Mapped[float] = mapped_column(Float)  # variance reduction, in [0, 1]
+    mean_with: Mapped[Optional[float]] = mapped_column(Float)  # mean of the quantity where the feature holds
+    mean_without: Mapped[Optional[float]] = mapped_column(Float)
+    job_id: Mapped[Optional[int]] = _job_fk()
+
+    __table_args__ = (
+        Index("uq_neuron_labels_unit", "model_id", text("coalesce(dataset_id, -1)"), "source", "layer", "neuron",
+              "rank", unique=True),
+        Index("ix_neuron_labels_feature", "feature", "source", "score"),
+    )
+
+
+class NeuronTokenSet(Base):
+    """Prediction / suppression neurons: mean activation when the next token is in the neuron's top-k
+    (prediction) or bottom-k (suppression) vocabulary set, against when it is not."""
+
+    __tablename__ = "neuron_token_sets"
+
+    model_id: Mapped[int] = _model_fk()
+    dataset_id: Mapped[int] = _dataset_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    neuron: Mapped[int] = mapped_column(primary_key=True)
+    vocab_class: Mapped[str] = mapped_column(String(20))  # 'prediction' (top set) | 'suppression' (bottom set)
+    set_size: Mapped[int]
+    n_in_set: Mapped[int]  # positions whose next token is in the set
+    n_out_set: Mapped[int]
+    mean_in_set: Mapped[Optional[float]] = mapped_column(Float)
+    mean_out_set: Mapped[Optional[float]] = mapped_column(Float)
+    ratio: Mapped[Optional[float]] = mapped_column(Float)  # mean_in_set / mean_out_set
+    job_id: Mapped[Optional[int]] = _job_fk()
+
+
+class EntropyIntervention(Base):
+    """A neuron's activation fixed to `value` at every scored position: mean next-token entropy (nats), loss,
+    final-norm scale (1 / sigma of its input), and their change from the untouched model."""
+
+    __tablename__ = "entropy_interventions"
+
+    model_id: Mapped[int] = _model_fk()
+    dataset_id: Mapped[int] = _dataset_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    neuron: Mapped[int] = mapped_column(primary_key=True)
+    step: Mapped[int] = mapped_column(primary_key=True)  # index in the value grid, by increasing value
+    value: Mapped[float] = mapped_column(Float)
+    value_kind: Mapped[str] = mapped_column(String(10))  # 'zero' | 'mean' | 'grid'
+    n_positions: Mapped[int]
+    entropy: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float] = mapped_column(Float)
+    norm_scale: Mapped[float] = mapped_column(Float)
+    d_entropy: Mapped[float] = mapped_column(Float)
+    d_loss: Mapped[float] = mapped_column(Float)
+    d_norm_scale: Mapped[float] = mapped_column(Float)
+    job_id: Mapped[Optional[int]] = _job_fk()
+
+
+class NeuronHeadScore(Base):
+    """Attention deactivation: the direct effect of a neuron on a later head's attention logit to the first
+    position, and its z-score against random directions of the same norm; the top heads by |z| per neuron."""
+
+    __tablename__ = "neuron_head_scores"
+
+    model_id: Mapped[int] = _model_fk()
+    dataset_id: Mapped[int] = _dataset_fk()  # k_first, the head's key at position 0, is averaged over it
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    neuron: Mapped[int] = mapped_column(primary_key=True)
+    rank: Mapped[int] = mapped_column(primary_key=True)  # 0 = the largest |z|
+    head_layer: Mapped[int]
+    head: Mapped[int]
+    score: Mapped[float] = mapped_column(Float)
+    z: Mapped[float] = mapped_column(Float)
+    job_id: Mapped[Optional[int]] = _job_fk()
+
+    __table_args__ = (Index("ix_neuron_head_scores_head", "model_id", "head_layer", "head"),)
+
+
+class HeadDeactivation(Base):
+    """Path ablation of a (neuron, head) pair: the head with and without the neuron's contribution to its query."""
+
+    __tablename__ = "head_deactivation"
+
+    model_id: Mapped[int] = _model_fk()
+    dataset_id: Mapped[int] = _dataset_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    neuron: Mapped[int] = mapped_column(primary_key=True)
+    head_layer: Mapped[int] = mapped_column(primary_key=True)
+    head: Mapped[int] = mapped_column(primary_key=True)
+    score: Mapped[float] = mapped_column(Float)
+    z: Mapped[float] = mapped_column(Float)
+    n_positions: Mapped[int]
+    attn_first_orig: Mapped[float] = mapped_column(Float)
+    attn_first_ablated: Mapped[float] = mapped_column(Float)
+    z_norm_orig: Mapped[float] = mapped_column(Float)
+    z_norm_ablated: Mapped[float] = mapped_column(Float)
+    act_attn_corr: Mapped[Optional[float]] = mapped_column(Float)  # NULL when either side is constant
     job_id: Mapped[Optional[int]] = _job_fk()
 
 
