@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 
 from atlas.errors import AtlasError
 from atlas.store import Store
-from atlas.store.schema import Base, Dataset, DatasetTokens, Model
+from atlas.store.schema import Base, Dataset, DatasetTokens, Model, NeuronCorrelation
+from atlas.store.universality import refresh_universality
 
 
 def default_model_name(source: str, revision: str | None) -> str:
@@ -136,12 +137,17 @@ def remove_model(store: Store, name: str) -> tuple[Model, dict[str, int]]:
         model = session.scalars(select(Model).where(Model.name == name)).first()
         if model is None:
             raise AtlasError(f"model {name!r} is not registered: see `atlas model list`")
+        # The seeds it was compared with: their universality summaries lose its correlations below.
+        partners = session.execute(select(NeuronCorrelation.model_id, NeuronCorrelation.dataset_id).distinct()
+                                   .where(NeuronCorrelation.other_model_id == model.id)).all()
         deleted = {}
         for table, column in _tables_referencing_models():
             result = session.execute(delete(table).where(column == model.id))
             if result.rowcount:
                 deleted[table.name] = deleted.get(table.name, 0) + result.rowcount
         session.execute(delete(Model).where(Model.id == model.id))
+        for dataset_id in {dataset_id for _, dataset_id in partners}:
+            refresh_universality(session, [m for m, d in partners if d == dataset_id], dataset_id)
         session.expunge(model)
     return model, deleted
 

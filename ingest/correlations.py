@@ -32,6 +32,7 @@ from atlas.metrics.correlation import PRECISIONS
 from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_models, verified_weights_hash
 from atlas.store import Store
 from atlas.store.schema import Dataset, Model, NeuronCorrelation
+from atlas.store.universality import refresh_universality
 from ingest.correlation_consumer import CorrelationConsumer
 from ingest.correlation_plan import (KIND, Block, gram_bytes, model_pass_bytes, pack_passes, pair_blocks, pair_key,
                                      same_step_pairs)
@@ -127,11 +128,15 @@ def _check_family(models: list[Model], family: str) -> None:
 # -- writing --------------------------------------------------------------------------------------
 
 def write_pair(session: Session, a: Model, b: Model, result: dict[str, np.ndarray], job_id: int,
-               context: RunContext) -> int:
+               context: RunContext, refresh: bool = True) -> int:
     """Replace the pair's rows, both directions (one per neuron of A against B, one per neuron of B against
-    A); NaN maxima become NULL, partner -1 becomes NULL."""
-    return sum(_write_direction(session, model, other, side, result, job_id, context)
-               for side, model, other in (("a", a, b), ("b", b, a)))
+    A); NaN maxima become NULL, partner -1 becomes NULL. With refresh, the two models' universality summary
+    is rebuilt in the same transaction (a caller writing several pairs refreshes once, after them all)."""
+    n_rows = sum(_write_direction(session, model, other, side, result, job_id, context)
+                 for side, model, other in (("a", a, b), ("b", b, a)))
+    if refresh:
+        refresh_universality(session, (a.id, b.id), context.dataset.id)
+    return n_rows
 
 
 def _write_direction(session: Session, model: Model, other: Model, side: str, result: dict[str, np.ndarray],
@@ -153,7 +158,7 @@ def _write_direction(session: Session, model: Model, other: Model, side: str, re
 
 def write_pass(session: Session, blocks: list[Block], results: dict[JobKey, dict[str, np.ndarray]],
                job_ids: dict[JobKey, int], context: RunContext) -> dict[JobKey, int]:
-    n_rows = {}
+    n_rows, written = {}, set()
     for block in blocks:
         result, job_id = results[block.key], job_ids[block.key]
         if block.sharded:
@@ -161,7 +166,9 @@ def write_pass(session: Session, blocks: list[Block], results: dict[JobKey, dict
             n_rows[block.key] = (block.a_stop - block.a_start) * block.a_d_mlp + (block.b_stop - block.b_start) * block.b_d_mlp
         else:
             a, b = context.models[block.a_id], context.models[block.b_id]
-            n_rows[block.key] = write_pair(session, a, b, result, job_id, context)
+            n_rows[block.key] = write_pair(session, a, b, result, job_id, context, refresh=False)
+            written |= {a.id, b.id}
+    refresh_universality(session, written, context.dataset.id)
     return n_rows
 
 

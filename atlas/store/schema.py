@@ -248,6 +248,31 @@ class NeuronCorrelation(Base):
     job_id: Mapped[Optional[int]] = _job_fk()
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
 
+    # A neuron's rows against every other seed (the card, the summary refresh): the primary key runs
+    # (model_id, other_model_id, ...) and cannot serve them.
+    __table_args__ = (Index("ix_neuron_correlations_neuron", "model_id", "dataset_id", "layer", "neuron"),)
+
+
+class NeuronUniversality(Base):
+    """Per neuron and dataset, its correlations with every other seed summed up (the universal_neurons view
+    reads it). Rewritten from neuron_correlations by the correlations job in the transaction that writes
+    those rows (atlas.store.universality), so it always agrees with them."""
+
+    __tablename__ = "neuron_universality"
+
+    model_id: Mapped[int] = _model_fk()
+    dataset_id: Mapped[int] = _dataset_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    neuron: Mapped[int] = mapped_column(primary_key=True)
+    n_other_seeds: Mapped[int]  # other seeds with a max_corr (a zero-variance neuron has none)
+    mean_max_corr: Mapped[Optional[float]] = mapped_column(Float)
+    mean_baseline_corr: Mapped[Optional[float]] = mapped_column(Float)
+    excess_corr: Mapped[Optional[float]] = mapped_column(Float)
+    is_universal: Mapped[Optional[bool]]
+    universal_threshold: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_neuron_universality_ranked", "dataset_id", "model_id", "excess_corr"),)
+
 
 # --- layer interventions, logit lens, layer statistics -------------------------------------------
 

@@ -11,19 +11,16 @@ REL_DEPTH = (
 # The TransformerLens hook of a neuron's activation, so rows join with TransformerLens / SAELens work.
 HOOK_NAME = "'blocks.' || CAST({layer} AS VARCHAR(12)) || '.mlp.hook_post'"
 
+# The summary table neuron_universality (atlas.store.universality) holds the per-neuron aggregates over
+# the other seeds; the correlations job rewrites it with the rows it sums.
 UNIVERSAL_NEURONS = """
 CREATE VIEW universal_neurons AS
-SELECT m.name AS model, m.family, m.seed, m.step, c.model_id, d.name AS dataset, c.dataset_id, c.layer, c.neuron,
-       COUNT(c.max_corr) AS n_other_seeds,
-       AVG(c.max_corr) AS mean_max_corr,
-       AVG(c.baseline_max_corr) AS mean_baseline_corr,
-       AVG(c.max_corr) - AVG(c.baseline_max_corr) AS excess_corr,
-       (AVG(c.max_corr) - AVG(c.baseline_max_corr) > MAX(c.universal_threshold)) AS is_universal,
-       MAX(c.universal_threshold) AS universal_threshold
-FROM neuron_correlations c
-JOIN models m ON m.id = c.model_id
-JOIN datasets d ON d.id = c.dataset_id
-GROUP BY m.name, m.family, m.seed, m.step, c.model_id, d.name, c.dataset_id, c.layer, c.neuron
+SELECT m.name AS model, m.family, m.seed, m.step, u.model_id, d.name AS dataset, u.dataset_id, u.layer, u.neuron,
+       u.n_other_seeds, u.mean_max_corr, u.mean_baseline_corr, u.excess_corr, u.is_universal,
+       u.universal_threshold
+FROM neuron_universality u
+JOIN models m ON m.id = u.model_id
+JOIN datasets d ON d.id = u.dataset_id
 """
 
 NEURON_ATLAS = f"""
@@ -31,7 +28,7 @@ CREATE VIEW neuron_atlas AS
 SELECT m.family, m.seed, m.step, m.name AS model, n.model_id, n.layer,
        {REL_DEPTH.format(layer="n.layer")} AS rel_depth,
        n.neuron, {HOOK_NAME.format(layer="n.layer")} AS hook_name, n.w_in_norm, n.w_gate_norm, n.b_in, n.w_out_norm, n.in_out_cos, n.l2_penalty,
-       n.vocab_mean, n.vocab_var, n.vocab_skew, n.vocab_kurt, n.vocab_class,
+       n.vocab_mean, n.vocab_var, n.vocab_skew, n.vocab_kurt, n.vocab_class, n.null_frac,
        d.name AS dataset, a.dataset_id,
        a.n AS act_n, a.mean AS act_mean, a.var AS act_var, a.skew AS act_skew, a.kurt AS act_kurt,
        a.max AS act_max, a.min AS act_min, a.frac_active,
