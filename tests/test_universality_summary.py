@@ -1,0 +1,128 @@
+"""The universality summary (neuron_universality) equals the aggregation of neuron_correlations it replaces:
+after a refresh, after migration 0006 fills it from an older atlas, and after a partner seed is removed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import text
+
+from atlas.registry import remove_model
+from atlas.store import Store, bulk_insert
+from atlas.store.schema import Model, NeuronCorrelation
+from atlas.store.universality import refresh_universality
+
+N_LAYERS, D_MLP = 2, 5
+
+
+def _models_and_dataset(store: Store, seeds=(0, 1, 2)) -> tuple[list[int], int]:
+    with store.transaction() as session:
+        ids = []
+        for seed in seeds:
+            model = Model(name=f"m{seed}", family="f", seed=seed, source=f"/m{seed}", architecture="gpt2",
+                          n_layers=N_LAYERS, d_model=4, d_mlp=D_MLP, vocab_size=10, tokenizer_hash="h")
+            session.add(model)
+            session.flush()
+            ids.append(model.id)
+        session.execute(text("INSERT INTO datasets (name, source, split, text_field, n_tokens, ctx_len, sample_seed, "
+                             "content_hash, created_at) VALUES ('d', 's', 'train', 'text', 1, 1, 0, 'h', '2026-01-01')"))
+        return ids, session.scalar(text("SELECT id FROM datasets"))
+
+
+def _correlation_rows(rng: np.random.Generator, model_id: int, other_id: int, dataset_id: int) -> dict:
+    n = N_LAYERS * D_MLP
+    max_corr = rng.uniform(0.0, 1.0, n)
+    max_corr[0] = np.nan  # a zero-variance neuron
+    return {"model_id": model_id, "other_model_id": other_id, "dataset_id": dataset_id,
+            "layer": np.arange(n) // D_MLP, "neuron": np.arange(n) % D_MLP, "max_corr": max_corr,
+            "partner_layer": 0, "partner_neuron": 0, "baseline_max_corr": rng.uniform(0.0, 0.4, n),
+            "universal_threshold": 0.3}
+
+
+def _fill_correlations(store: Store, ids: list[int], dataset_id: int) -> None:
+    rng = np.random.default_rng(0)
+    with store.transaction() as session:
+        for a in ids:
+            for b in ids:
+                if a != b:
+                    bulk_insert(session, NeuronCorrelation, _correlation_rows(rng, a, b, dataset_id))
+
+
+def _expected(store: Store) -> pd.DataFrame:
+    """The summary computed independently in pandas from the correlation rows."""
+    with store.engine.connect() as conn:
+        rows = pd.read_sql(text("SELECT model_id, layer, neuron, max_corr, baseline_max_corr, universal_threshold "
+                                "FROM neuron_correlations"), conn)
+    grouped = rows.groupby(["model_id", "layer", "neuron"])
+    expected = pd.DataFrame({
+        "n_other_seeds": grouped["max_corr"].count(),
+        "mean_max_corr": grouped["max_corr"].mean(),
+        "mean_baseline_corr": grouped["baseline_max_corr"].mean(),
+        "threshold": grouped["universal_threshold"].max(),
+    })
+    expected["excess_corr"] = expected["mean_max_corr"] - expected["mean_baseline_corr"]
+    return expected.reset_index().sort_values(["model_id", "layer", "neuron"]).reset_index(drop=True)
+
+
+def _view(store: Store) -> pd.DataFrame:
+    with store.engine.connect() as conn:
+        return pd.read_sql(text("SELECT model_id, layer, neuron, n_other_seeds, mean_max_corr, mean_baseline_corr, "
+                                "excess_corr, is_universal FROM universal_neurons ORDER BY model_id, layer, neuron"),
+                           conn)
+
+
+def _assert_matches(store: Store) -> None:
+    got, expected = _view(store), _expected(store)
+    assert len(got) == len(expected) > 0
+    assert got["n_other_seeds"].tolist() == expected["n_other_seeds"].tolist()
+    for column in ("mean_max_corr", "mean_baseline_corr", "excess_corr"):
+        np.testing.assert_allclose(got[column].astype(float), expected[column], rtol=1e-12, equal_nan=True)
+    universal = expected["excess_corr"] > expected["threshold"]
+    known = expected["excess_corr"].notna()
+    assert got.loc[known, "is_universal"].astype(bool).tolist() == universal[known].tolist()
+    assert got.loc[~known, "is_universal"].isna().all()
+
+
+def test_refresh_summarises_the_correlation_rows(store):
+    ids, dataset_id = _models_and_dataset(store)
+    _fill_correlations(store, ids, dataset_id)
+    with store.transaction() as session:
+        refresh_universality(session, ids, dataset_id)
+    _assert_matches(store)
+    with store.transaction() as session:  # a second refresh replaces, never duplicates
+        refresh_universality(session, ids[:1], dataset_id)
+    _assert_matches(store)
+
+
+def test_removing_a_seed_refreshes_its_partners(store):
+    ids, dataset_id = _models_and_dataset(store)
+    _fill_correlations(store, ids, dataset_id)
+    with store.transaction() as session:
+        refresh_universality(session, ids, dataset_id)
+    remove_model(store, "m2")
+    _assert_matches(store)
+    assert set(_view(store)["n_other_seeds"]) <= {0, 1}
+
+
+@pytest.fixture
+def store_at_0005(empty_db_url):
+    store = Store(empty_db_url, check=False)
+    store.upgrade("0005")
+    yield store
+    store.dispose()
+
+
+def test_migration_fills_the_summary_from_an_older_atlas(store_at_0005):
+    store = store_at_0005
+    ids, dataset_id = _models_and_dataset(store)
+    _fill_correlations(store, ids, dataset_id)
+    before = _view(store)  # the 0003 view: grouped from the rows on every query
+    store.upgrade()
+    _assert_matches(store)
+    after = _view(store)
+    np.testing.assert_allclose(after["excess_corr"].astype(float), before["excess_corr"].astype(float),
+                               rtol=1e-12, equal_nan=True)
+    store.downgrade("0005")
+    np.testing.assert_allclose(_view(store)["excess_corr"].astype(float), before["excess_corr"].astype(float),
+                               rtol=1e-12, equal_nan=True)
