@@ -183,3 +183,59 @@ def training_curves(frame: pd.DataFrame) -> alt.Chart:
         )
         .properties(width=380, height=240)
     )
+
+
+def entropy_curve(frame: pd.DataFrame) -> alt.Chart:
+    """A neuron's activation fixed to each value: change in next-token entropy and in loss (nats), per dataset."""
+    long = frame.melt(id_vars=["dataset", "value", "value_kind"], value_vars=["d_entropy", "d_loss"],
+                      var_name="metric", value_name="change")
+    long["metric"] = long["metric"].map({"d_entropy": "Δ entropy", "d_loss": "Δ loss"})
+    return (
+        alt.Chart(long)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("value:Q", title="activation fixed to"),
+            y=alt.Y("change:Q", title="change from the untouched model (nats)"),
+            color=alt.Color("metric:N", title=None),
+            strokeDash=alt.StrokeDash("dataset:N"),
+            tooltip=["dataset", "value_kind", alt.Tooltip("value:Q", format=".4g"), "metric",
+                     alt.Tooltip("change:Q", format=".4g")],
+        )
+        .properties(height=240)
+    )
+
+
+def label_counts(frame: pd.DataFrame) -> alt.Chart:
+    """Neurons per rank-0 label, one bar per seed."""
+    return (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            x=alt.X("n_neurons:Q", title="neurons (rank-0 label)"),
+            y=alt.Y("feature:N", sort="-x", title=None),
+            color=_seed_color(),
+            yOffset="seed:N",
+            tooltip=["seed", "feature", "n_neurons"],
+        )
+        .properties(height=max(160, 22 * frame["feature"].nunique()))
+    )
+
+
+def role_counts_by_layer(frame: pd.DataFrame) -> alt.Chart:
+    """Entropy and deactivating neurons per layer against relative depth, seeds overlaid."""
+    long = frame.melt(id_vars=["seed", "model", "layer", "rel_depth"], value_vars=["n_entropy", "n_deactivating"],
+                      var_name="role", value_name="neurons")
+    long["role"] = long["role"].map({"n_entropy": "Entropy neurons", "n_deactivating": "Deactivating neurons"})
+    return (
+        alt.Chart(long)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("rel_depth:Q", title="relative depth", scale=alt.Scale(domain=[0, 1])),
+            y=alt.Y("neurons:Q", title=None),
+            color=_seed_color(),
+            tooltip=["model", "layer", "role", "neurons"],
+        )
+        .properties(width=300, height=160)
+        .facet(facet=alt.Facet("role:N", title=None), columns=2)
+        .resolve_scale(y="independent")
+    )

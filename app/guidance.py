@@ -14,6 +14,9 @@ NEXT_COMMANDS: dict[str, str] = {
     "correlations": "atlas ingest correlations --family {family} --dataset {dataset}",
     "interventions": "atlas ingest interventions --family {family} --dataset {dataset}",
     "lens": "atlas ingest lens --family {family} --dataset {dataset}",
+    "labels": "atlas ingest labels --family {family} --dataset {dataset}",
+    "entropy": "atlas ingest entropy --family {family} --dataset {dataset}",
+    "attention-roles": "atlas ingest attention-roles --family {family} --dataset {dataset}",
     "train": "atlas train-seeds --family {family} --seeds 0 1 2 --dataset {dataset}",
 }
 

@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from atlas.errors import AtlasError
-from atlas.read import queries
+from atlas.read import queries, roles
 from atlas.read.card import NeuronCard, load_card
 from atlas.store import Store, read_only, resolve_url
 
@@ -106,6 +106,30 @@ class Atlas:
             if not 0 <= value < size:
                 raise AtlasError(f"{what} {value} is out of range for {model}: 0..{int(size) - 1}")
         return load_card(self.engine, info, layer, neuron, dataset, examples)
+
+    # --- functional roles --------------------------------------------------------------------------
+
+    def labels(self, family: str | None = None, model: str | None = None, source: str | None = None,
+               feature: str | None = None, layer: int | None = None, max_rank: int | None = None,
+               limit: int | None = None) -> pd.DataFrame:
+        """Token-feature labels of neurons by variance reduction (neuron_labels): source 'vocab' (what the neuron
+        writes to the vocabulary), 'current_token' or 'next_token' (what its activation tracks on a dataset)."""
+        self._check(family=family, model=model)
+        if source is not None and source not in roles.LABEL_SOURCES:
+            raise AtlasError(f"no label source {source!r}: sources {', '.join(roles.LABEL_SOURCES)}")
+        return roles.labels(self.engine, family=family, model=model, source=source, feature=feature, layer=layer,
+                            max_rank=max_rank, limit=limit)
+
+    def entropy(self, family: str | None = None, model: str | None = None) -> pd.DataFrame:
+        """Entropy-neuron interventions (one row per neuron and fixed value) with the null-space fraction."""
+        self._check(family=family, model=model)
+        return roles.entropy_interventions(self.engine, family=family, model=model)
+
+    def head_scores(self, family: str | None = None, model: str | None = None, max_z: float | None = None,
+                    limit: int | None = None) -> pd.DataFrame:
+        """Attention deactivation: each neuron's top later heads by |z|, with the path ablation where it ran."""
+        self._check(family=family, model=model)
+        return roles.head_scores(self.engine, family=family, model=model, max_z=max_z, limit=limit)
 
     # --- SQL -------------------------------------------------------------------------------------
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ingest import activations, correlations, interventions, lens, weights
+from ingest import labels
+from ingest import entropy
+from ingest import attention_roles
 
 JOBS: dict[str, tuple[type, Callable[[Any, Any], None]]] = {
     "weights": (weights.WeightsConfig, weights.run),
@@ -16,4 +19,7 @@ JOBS: dict[str, tuple[type, Callable[[Any, Any], None]]] = {
     "correlations": (correlations.CorrelationsConfig, correlations.run),
     "interventions": (interventions.InterventionsConfig, interventions.run),
     "lens": (lens.LensConfig, lens.run),
+    "entropy": (entropy.EntropyConfig, entropy.run),
+    "labels": (labels.LabelsConfig, labels.run),
+    "attention-roles": (attention_roles.AttentionRolesConfig, attention_roles.run),
 }

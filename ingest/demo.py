@@ -120,6 +120,7 @@ def run(config: DemoConfig, store: Store, console: Console | None = None) -> dic
         stage(name, lambda job_config=job_config, job_run=job_run: job_run(job_config, store))
     stage("null reference", lambda: null_reference(config, seeds_config, store))
     print_summary(store, config, console)
+    print_roles(store, config, console)
     print_timings(seconds)
     return seconds
 
@@ -160,6 +161,9 @@ def analysis_jobs(config: DemoConfig) -> dict[str, tuple[Any, Callable[[Any, Sto
         "correlations": {**on_data, "universal_threshold": config.universal_threshold},
         "interventions": on_layers,
         "lens": on_layers,
+        "labels": on_data,
+        "entropy": on_layers,
+        "attention-roles": on_layers,
     }
     missing = [name for name in options if name not in JOBS]
     if missing:
@@ -208,6 +212,38 @@ def print_summary(store: Store, config: DemoConfig, console: Console) -> None:
                   "> 5.12 / d_model. The untrained row is the null reference: seed "
                   f"{config.seeds[0]}'s initialisation, same shape and tokenizer, never trained.")
     console.print(f"Open the app on it:  [bold]atlas app --db {store.display_url}[/]")
+
+
+def print_roles(store: Store, config: DemoConfig, console: Console) -> None:
+    """The functional roles of each seed, read back from the database."""
+    from atlas.read.roles import DEACTIVATION_Z, ENTROPY_NULL_RATIO, roles_summary
+
+    table = Table("model", "top vocabulary labels", "top current-token labels", "entropy neurons",
+                  "strongest entropy intervention", "deactivating neurons", "most deactivating pair",
+                  title=f"functional roles of {config.family} on {config.analysis_dataset}")
+    for row in roles_summary(store.engine, config.family):
+        entropy, pair = row["entropy"], row["deactivation"]
+        table.add_row(
+            row["model"], _labels(row["vocab_labels"]), _labels(row["current_token_labels"]),
+            "-" if row["n_entropy"] is None else str(row["n_entropy"]),
+            "-" if entropy is None else (
+                f"L{int(entropy['layer'])}.{int(entropy['neuron'])} null {entropy['null_frac']:.2f} "
+                f"(random {entropy['null_frac_random']:.2f}): at {entropy['value']:.2f} "
+                f"Δentropy {entropy['d_entropy']:+.3f}, Δloss {entropy['d_loss']:+.3f}"),
+            "-" if row["n_deactivating"] is None else str(row["n_deactivating"]),
+            "-" if pair is None else (
+                f"L{int(pair['layer'])}.{int(pair['neuron'])} -> head {int(pair['head_layer'])}.{int(pair['head'])} "
+                f"z {pair['z']:.1f}: attention to first {pair['attn_first_orig']:.3f} -> "
+                f"{pair['attn_first_ablated']:.3f} ablated"),
+        )
+    console.print(table)
+    console.print(f"labels: the token feature explaining most variance (rank 0), neurons per label. Entropy neurons: "
+                  f"null-space fraction >= {ENTROPY_NULL_RATIO:g} x a random direction's. Deactivating: some later "
+                  f"head's attention to the first position falls with the neuron, z <= {DEACTIVATION_Z:g}.")
+
+
+def _labels(pairs: list) -> str:
+    return ", ".join(f"{feature} {n}" for feature, n in pairs) or "-"
 
 
 def print_timings(seconds: dict[str, float]) -> None:

@@ -8,11 +8,12 @@ from typing import Annotated
 import numpy as np
 
 from atlas.errors import AtlasError
+from atlas.metrics.entropy import DEFAULT_NULL_SPACE_FRACTION
 from atlas.metrics.weights import PARTITION_VARIANCE_SCALE
 from atlas.registry import resolve_models
 from atlas.store import Store
 from atlas.store.schema import Model, Neuron, NeuronVocab
-from ingest.options import RUN_OPTION, FamilyName, ModelName, Overwrite
+from ingest.options import ADDED_OPTION, RUN_OPTION, FamilyName, ModelName, Overwrite
 from ingest.progress import progress_bar
 from ingest.runner import JobKey, replace_rows, run_unit
 
@@ -41,6 +42,9 @@ class WeightsConfig:
     the paper's value for GPT-2 medium; a random direction gives about 1 / d_model)."""
     chunk_mb: Annotated[int, RUN_OPTION] = 256
     """Memory bound of one neurons x vocabulary chunk, in MiB."""
+    null_space_fraction: Annotated[float, ADDED_OPTION] = DEFAULT_NULL_SPACE_FRACTION
+    """Entropy neurons: the effective null space of the unembedding is its bottom max(1, round(FRACTION x d_model))
+    singular directions; null_frac is the share of ||w_out||^2 in it (always on processed weights, as the SPEC)."""
 
 
 @dataclass
@@ -59,6 +63,24 @@ def check_options(config: WeightsConfig) -> None:
         raise AtlasError(f"--weights must be one of {', '.join(WEIGHT_CHOICES)}, got {config.weights!r}")
     if config.partition_scale <= 0:
         raise AtlasError(f"--partition-scale must be positive, got {config.partition_scale}")
+    check_null_space_fraction(config.null_space_fraction)
+
+
+def check_null_space_fraction(fraction: float) -> None:
+    if not 0 < fraction < 1:
+        raise AtlasError(f"--null-space-fraction must be in (0, 1), got {fraction}")
+
+
+def null_space(loaded, fraction: float):
+    """U_null [d_model, k] of the processed unembedding (padded vocabulary columns dropped) per the SPEC."""
+    from atlas.metrics.entropy import null_space_basis
+    from atlas.metrics.weights import process_unembedding
+
+    adapter, model = loaded.adapter, loaded.model
+    unembed, _ = adapter.unembedding(model)
+    processed = process_unembedding(unembed[:, :len(loaded.tokenizer)], adapter.final_norm_scale(model),
+                                    center=adapter.final_norm_kind == "layernorm")
+    return null_space_basis(processed, fraction, centered=adapter.final_norm_kind == "layernorm")
 
 
 def block_weights(adapter, block, processed: bool) -> dict:
@@ -78,8 +100,10 @@ def block_weights(adapter, block, processed: bool) -> dict:
     }
 
 
-def analyse_layer(loaded, layer: int, config: WeightsConfig, token_strings: list[str]) -> LayerWeights:
-    """Pure computation for one block: the adapter says where the weights are, metrics do the math."""
+def analyse_layer(loaded, layer: int, config: WeightsConfig, token_strings: list[str],
+                  null_basis=None) -> LayerWeights:
+    """Pure computation for one block: the adapter says where the weights are, metrics do the math.
+    null_basis: U_null of null_space(loaded, ...), computed once per model (computed here when not given)."""
     from atlas.metrics.weights import classify, partition_threshold, vocab_effects, weight_stats
 
     adapter, model = loaded.adapter, loaded.model
@@ -105,8 +129,23 @@ def analyse_layer(loaded, layer: int, config: WeightsConfig, token_strings: list
         "vocab_class": classify(effects.kurt, effects.skew, effects.var,
                                 kurt_threshold=config.kurtosis_threshold,
                                 var_threshold=partition_threshold(w_out.shape[1], config.partition_scale)),
+        **null_space_columns(adapter, w_out, null_basis if null_basis is not None
+                             else null_space(loaded, config.null_space_fraction)),
     }
     return LayerWeights(neurons=neurons, vocab=_vocab_rows(layer, effects, token_strings))
+
+
+def null_space_columns(adapter, w_out, null_basis) -> dict:
+    """null_frac of each neuron (processed w_out, whatever --weights says) and the random expectation: k / d_model,
+    k / (d_model - 1) for LayerNorm models (centred w_out)."""
+    from atlas.metrics.entropy import null_frac, null_space_dimension
+    from atlas.metrics.weights import process_w_out
+
+    centered = adapter.final_norm_kind == "layernorm"
+    processed = process_w_out(w_out, center=centered)
+    d_model, k = null_basis.shape
+    return {"null_frac": null_frac(processed, null_basis),
+            "null_frac_random": k / null_space_dimension(d_model, centered)}
 
 
 def _vocab_rows(layer: int, effects, token_strings: list[str]) -> dict[str, np.ndarray]:
@@ -132,11 +171,12 @@ def compute(model_row: Model, config: WeightsConfig) -> list[LayerWeights]:
 
     loaded = load_model(model_row.source, model_row.revision)
     token_strings = [loaded.tokenizer.decode([i]) for i in range(len(loaded.tokenizer))]
+    null_basis = null_space(loaded, config.null_space_fraction)
     with progress_bar() as bar:
         task = bar.add_task(f"weights {model_row.name}", total=model_row.n_layers)
         layers = []
         for layer in range(model_row.n_layers):
-            layers.append(analyse_layer(loaded, layer, config, token_strings))
+            layers.append(analyse_layer(loaded, layer, config, token_strings, null_basis))
             bar.advance(task)
     return layers
 

@@ -18,6 +18,12 @@ from ingest.correlations import CorrelationsConfig
 from ingest.correlations import run as run_correlations
 from ingest.interventions import InterventionsConfig
 from ingest.interventions import run as run_interventions
+from ingest.attention_roles import AttentionRolesConfig
+from ingest.attention_roles import run as run_attention_roles
+from ingest.entropy import EntropyConfig
+from ingest.entropy import run as run_entropy
+from ingest.labels import LabelsConfig
+from ingest.labels import run as run_labels
 from ingest.lens import LensConfig
 from ingest.lens import run as run_lens
 from ingest.weights import WeightsConfig
@@ -39,6 +45,9 @@ def fill(url: str, model_dirs, docs_file) -> None:
     run_correlations(CorrelationsConfig(**target, **data), store)
     run_interventions(InterventionsConfig(**target, **data), store)
     run_lens(LensConfig(**target, **data), store)
+    run_labels(LabelsConfig(**target, **data), store)
+    run_entropy(EntropyConfig(**target, **data, tokens=1000), store)
+    run_attention_roles(AttentionRolesConfig(**target, **data), store)
     store.dispose()
 
 

@@ -186,7 +186,13 @@ def test_card_holds_the_data_and_renders_it(api):
     assert len(card.partners) == 2 and card.partners["partner_neuron"].notna().all()
     assert card.weights["vocab_class"] == card.vocab_class
 
-    assert set(card.provenance["result"]) == {"weights", "activations", "correlations"}
+    assert {"weights", "activations", "correlations", "labels"} <= set(card.provenance["result"])
+    labels = sql(api, "SELECT l.source, l.rank, l.feature, l.score FROM neuron_labels l JOIN models m "
+                      "ON m.id = l.model_id WHERE m.name = :m AND l.layer = :l AND l.neuron = :n",
+                 m=model, l=layer, n=neuron)
+    assert len(card.labels) == len(labels) > 0
+    assert sorted(zip(card.labels["source"], card.labels["rank"], card.labels["feature"])) == \
+        sorted(zip(labels["source"], labels["rank"], labels["feature"]))
     assert card.provenance["model_revision"].str.startswith("sha256:").all()
 
     page = card._repr_html_()
@@ -231,3 +237,31 @@ def test_every_job_carries_its_provenance(api):
     # Every result row names a job of the ledger.
     orphans = sql(api, "SELECT COUNT(*) AS n FROM neurons n LEFT JOIN jobs j ON j.id = n.job_id WHERE j.id IS NULL")
     assert int(orphans["n"][0]) == 0
+
+
+def test_labels_filters_and_refuses_an_unknown_source(api):
+    every = api.labels(family=FILLED_FAMILY)
+    assert set(every["source"]) == {"vocab", "current_token", "next_token"}
+    assert every.loc[every["source"] == "vocab", "dataset"].isna().all()
+    feature = every.loc[(every["source"] == "vocab") & (every["rank"] == 0), "feature"].iloc[0]
+    chosen = api.labels(family=FILLED_FAMILY, source="vocab", feature=feature, max_rank=0)
+    assert len(chosen) > 0 and set(chosen["feature"]) == {feature} and set(chosen["rank"]) == {0}
+    with pytest.raises(AtlasError, match="no label source 'vocabulary'"):
+        api.labels(source="vocabulary")
+
+
+def test_roles_reach_the_card_and_the_api(api):
+    """The filled atlas's entropy candidates and head scores come back through the API and the neuron card."""
+    entropy = api.entropy(family=FILLED_FAMILY)
+    assert len(entropy) > 0 and (entropy.groupby(["model", "layer", "neuron"]).size() == 10).all()
+    assert entropy["null_frac"].notna().all()
+    row = entropy.iloc[0]
+    card = api.card(row["model"], int(row["layer"]), int(row["neuron"]))
+    assert len(card.entropy) == 10 and card.entropy["value"].is_monotonic_increasing
+    assert "Entropy intervention" in card._repr_html_() and "entropy" in set(card.provenance["result"])
+    heads = api.head_scores(family=FILLED_FAMILY)
+    assert len(heads) > 0 and (heads["head_layer"] > heads["layer"]).all()
+    assert heads["z"].is_monotonic_increasing  # the most deactivating first
+    strongest = heads.iloc[0]
+    card = api.card(strongest["model"], int(strongest["layer"]), int(strongest["neuron"]))
+    assert len(card.heads) > 0 and "attention roles" in set(card.provenance["result"])

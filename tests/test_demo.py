@@ -151,8 +151,14 @@ def test_miniature_demo_fills_every_table_and_summarises_from_the_database(db_ur
             "WHERE i.kind = 'delete' GROUP BY m.name")).all())
         losses = dict(connection.execute(text(
             "SELECT m.name, r.heldout_loss FROM training_runs r JOIN models m ON m.id = r.model_id")).all())
+        classed = connection.scalar(text(
+            "SELECT COUNT(*) FROM neurons n JOIN models m ON m.id = n.model_id WHERE m.family = :family "
+            "AND n.vocab_class IN ('prediction', 'suppression')"), {"family": config.family})
+    # Token-set rows exist for every prediction / suppression neuron of the family, and only for them.
+    assert counts.pop("neuron_token_sets") == classed
     assert all(n > 0 for n in counts.values()), counts
-    assert {kind for kind, _ in jobs} == {"weights", "activations", "correlations", "interventions", "lens"}
+    assert {kind for kind, _ in jobs} == {"weights", "activations", "correlations", "interventions", "lens", "labels",
+                                          "entropy", "attention-roles"}
     assert {status for _, status in jobs} == {"done"}
 
     rows = summary_rows(store, config)
@@ -168,6 +174,7 @@ def test_miniature_demo_fills_every_table_and_summarises_from_the_database(db_ur
     assert "mini-seed2" in output and f"atlas app --db {store.display_url}" in output
     assert "excess > 0.3" in output and "NOT the paper's definition" in output
     assert "mini-untrained (null reference)" in output and "DEMO-NOTES" not in output
+    assert f"functional roles of {config.family}" in output and "most deactivating pair" in output
 
     run_demo(config, store, console=Console(file=io.StringIO(), width=250))  # a rerun reuses everything
     with store.engine.connect() as connection:

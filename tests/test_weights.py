@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -156,13 +158,14 @@ def test_classes_use_the_stored_thresholds(store, tiny_models):
     assert job.config["partition_scale"] == 1e-9 and job.config["fold_final_norm"] is True
 
 
-def test_rerun_skips_and_overwrite_replaces(store, tiny_models, capsys):
+def test_rerun_skips_and_overwrite_replaces(store, tiny_models, caplog):
+    caplog.set_level(logging.INFO, logger="ingest.runner")  # whatever logging an earlier test configured
     model, _ = register_model(store, str(tiny_models["gpt2"]), family="tiny", seed=0)
     run(WeightsConfig(family="tiny"), store)
     with store.session() as session:
         before = session.execute(select(Neuron.layer, Neuron.neuron, Neuron.vocab_kurt).order_by(Neuron.layer, Neuron.neuron)).all()
     run(WeightsConfig(family="tiny"), store)
-    assert "skipped" in capsys.readouterr().err
+    assert "skipped" in caplog.text
     run(WeightsConfig(family="tiny", overwrite=True), store)
     with store.session() as session:
         after = session.execute(select(Neuron.layer, Neuron.neuron, Neuron.vocab_kurt).order_by(Neuron.layer, Neuron.neuron)).all()

@@ -8,12 +8,13 @@ import streamlit as st
 
 from app import charts, connection, guidance
 from app.links import card_page_link
-from atlas.read import queries
+from atlas.read import queries, roles
 
 WEIGHT_METRICS = [
     ("w_in_norm", "‖w_in‖"), ("w_out_norm", "‖w_out‖"), ("in_out_cos", "cos(w_in, w_out)"),
     ("l2_penalty", "L2 penalty"), ("b_in", "b_in"), ("w_gate_norm", "‖w_gate‖"),
     ("vocab_var", "vocab variance"), ("vocab_skew", "vocab skew"), ("vocab_kurt", "vocab kurtosis"),
+    ("null_frac", "null-space fraction"),
 ]
 SHOWN_EXAMPLES = 10
 
@@ -74,6 +75,7 @@ def render() -> None:
     _show_weights(engine, info, layer, neuron)
     _show_activations(engine, info, layer, neuron)
     _show_partners(engine, info, layer, neuron)
+    _show_roles(engine, info, layer, neuron)
     _show_provenance(engine, info, layer, neuron)
 
 
@@ -84,6 +86,9 @@ def _show_weights(engine, info: dict, layer: int, neuron: int) -> None:
         guidance.show_missing(f"No weight statistics for {info['name']} yet", "weights", family=info["family"])
         return
     st.markdown(f"Class: **{weights['vocab_class']}**")
+    if weights.get("null_frac_random") is not None:
+        st.caption(f"Null-space fraction: the share of ‖w_out‖² in the unembedding's bottom singular directions "
+                   f"(a random direction gets {charts.number(weights['null_frac_random'], '.3g')}).")
     shown = [(label, weights[key]) for key, label in WEIGHT_METRICS
              if weights[key] is not None and not (isinstance(weights[key], float) and math.isnan(weights[key]))]
     per_row = 4  # eight metrics in one row truncate their values
@@ -136,6 +141,37 @@ def _show_partners(engine, info: dict, layer: int, neuron: int) -> None:
             f"(ρ = {charts.number(row.max_corr)}, {row.partner_class or 'no weights'})",
             row.other_model, row.partner_layer, row.partner_neuron,
         )
+
+
+def _show_roles(engine, info: dict, layer: int, neuron: int) -> None:
+    st.subheader("Functional roles")
+    labels = roles.neuron_labels(engine, info["name"], layer, neuron)
+    entropy = roles.entropy_curve(engine, info["name"], layer, neuron)
+    heads = roles.neuron_heads(engine, info["name"], layer, neuron)
+    if labels.empty and entropy.empty and heads.empty:
+        guidance.show_missing(f"No functional roles for {info['name']} yet", "labels", "entropy", "attention-roles",
+                              family=info["family"])
+        return
+    if not labels.empty:
+        st.markdown("Labels: the token features that explain most of the variance of its vocabulary effect (vocab), "
+                    "of its activation by the current token, and by the next token")
+        st.dataframe(labels, hide_index=True)
+    token_sets = roles.neuron_token_sets(engine, info["name"], layer, neuron)
+    for row in token_sets.itertuples():
+        st.markdown(f"On {row.dataset}, as a {row.vocab_class} neuron: mean activation "
+                    f"**{charts.number(row.mean_in_set)}** when the next token is in its {row.set_size}-token set "
+                    f"({row.n_in_set} positions) against {charts.number(row.mean_out_set)} otherwise "
+                    f"(ratio {charts.number(row.ratio)}).")
+    if not entropy.empty:
+        st.markdown("Entropy intervention: the activation fixed to each value at every scored position")
+        st.altair_chart(charts.entropy_curve(entropy))
+        with st.expander("Entropy intervention values"):
+            st.dataframe(entropy, hide_index=True)
+    if not heads.empty:
+        st.markdown("Later heads whose attention to the first position it moves most (score: direct effect on the "
+                    "attention logit; z against random directions of the same norm; ablated: without its path "
+                    "into the head's query)")
+        st.dataframe(heads, hide_index=True)
 
 
 def _show_provenance(engine, info: dict, layer: int, neuron: int) -> None:

@@ -7,7 +7,7 @@ import streamlit as st
 
 from app import charts, connection, guidance
 from app.links import card_url
-from atlas.read import queries
+from atlas.read import queries, roles
 
 SHOWN_NEURONS = 2000
 
@@ -44,14 +44,40 @@ def render() -> None:
     else:
         guidance.show_missing(f"No cross-seed correlations for {family} yet (no universality)", "correlations",
                               family=family)
+    label = _choose_label(engine, family)
     if not seeds or not classes:
         st.warning("Pick at least one seed and one class.")
         return
 
     neurons = queries.family_neurons(engine, family, seeds, layers, classes, dataset,
-                                     threshold if universal_only else None)
+                                     threshold if universal_only else None, label=label)
     _show_charts(engine, family, neurons, dataset, threshold)
+    _show_labels(engine, family, label)
     _show_neuron_list(neurons, threshold)
+
+
+def _choose_label(engine, family: str) -> tuple[str, str] | None:
+    """A (source, feature) filter from the labels the family has, or None (all neurons)."""
+    left, right = st.columns(2)
+    source = left.selectbox("Label source", roles.LABEL_SOURCES, key="families_label_source",
+                            help="vocab: what the neuron writes to the vocabulary; current_token / next_token: "
+                                 "what its activation tracks on a dataset (`atlas ingest labels`).")
+    features = roles.label_features(engine, family, source)
+    if features.empty:
+        right.caption("No labels from this source yet (`atlas ingest labels`).")
+        return None
+    options = ["(any)"] + [f"{row.feature} ({row.n_neurons})" for row in features.itertuples()]
+    choice = right.selectbox("Rank-0 label (neurons)", options, key="families_label")
+    return None if choice == "(any)" else (source, features["feature"].iloc[options.index(choice) - 1])
+
+
+def _show_labels(engine, family: str, label: tuple[str, str] | None) -> None:
+    source = label[0] if label is not None else st.session_state.get("families_label_source", "vocab")
+    counts = roles.label_counts_by_seed(engine, family, source)
+    if counts.empty:
+        return
+    st.subheader(f"Neuron families by label ({source}, rank 0; the most frequent labels)")
+    st.altair_chart(charts.label_counts(counts))
 
 
 def _show_charts(engine, family: str, neurons, dataset: str | None, threshold: float | None) -> None:

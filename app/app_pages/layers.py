@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import charts, connection, guidance
-from atlas.read import queries
+from atlas.read import queries, roles
 
 
 def render() -> None:
@@ -33,6 +33,19 @@ def render() -> None:
         guidance.show_missing(f"No {step} results for {family} on {dataset} yet", step, family=family, dataset=dataset)
     with st.expander("Numbers"):
         st.dataframe(profile, hide_index=True)
+    _show_role_counts(engine, family)
+
+
+def _show_role_counts(engine, family: str) -> None:
+    st.subheader("Entropy and attention-deactivating neurons by depth")
+    counts = roles.role_counts_by_layer(engine, family)
+    if counts.empty:
+        guidance.show_missing(f"No null-space fractions for {family} yet", "weights", family=family)
+        return
+    st.caption(f"Entropy neurons: a null-space fraction at least {roles.ENTROPY_NULL_RATIO:g} x what a random "
+               f"direction gets. Deactivating neurons: some later head's attention to the first position falls "
+               f"with the neuron, z <= {roles.DEACTIVATION_Z:g} against random directions (`attention-roles`).")
+    st.altair_chart(charts.role_counts_by_layer(counts))
 
 
 render()

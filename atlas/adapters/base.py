@@ -24,7 +24,9 @@ Residual stream, sub-layers and attention (for interventions and the logit lens)
 
 from __future__ import annotations
 
+import sys
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -131,6 +133,19 @@ class Adapter:
     def final_norm_scale(self, model: nn.Module) -> torch.Tensor:
         return _owned(self.final_norm(model).weight)
 
+    def final_norm_sigma(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """float64 [...]: the final norm's divisor for its input hidden [..., d_model], with the norm's own eps:
+        LayerNorm sqrt(Var(h) + eps) (population variance over d_model), RMSNorm sqrt(mean(h^2) + eps)."""
+        norm = self.final_norm(model)
+        eps = getattr(norm, "variance_epsilon", None)
+        eps = getattr(norm, "eps", None) if eps is None else eps
+        if eps is None:  # torch.nn.RMSNorm(eps=None) uses the input dtype's machine epsilon
+            eps = torch.finfo(hidden.dtype).eps
+        h = hidden.double()
+        if self.final_norm_kind == "layernorm":
+            h = h - h.mean(dim=-1, keepdim=True)
+        return torch.sqrt(h.square().mean(dim=-1) + eps)
+
     def mlp_norm_scale(self, block: nn.Module) -> torch.Tensor:
         """gamma [d_model] of the norm the MLP reads through (folded into w_in / w_gate when processing)."""
         return _owned(self.mlp_input_norm(block).weight)
@@ -210,3 +225,123 @@ class Adapter:
             yield
         finally:
             setattr(parent, attr, original)
+
+    # -- attention queries and keys (attention deactivation) -------------------------------
+    # Declared per architecture: the norm the attention reads through, and the model's rotary
+    # embedding module (None for learned positions). Query/key weights come from query_key().
+    attention_norm_path: ClassVar[str]       # dotted path, inside a block, of the norm whose output the attention reads
+    rotary_path: ClassVar[str | None] = None  # dotted path of the rotary embedding module; None: no rotation
+
+    def n_heads(self, model: nn.Module) -> int:
+        return int(model.config.num_attention_heads)
+
+    def n_kv_heads(self, model: nn.Module) -> int:
+        """Key/value heads; query head h reads key group h // (n_heads / n_kv_heads) (grouped-query attention)."""
+        return int(getattr(model.config, "num_key_value_heads", None) or self.n_heads(model))
+
+    def d_head(self, model: nn.Module) -> int:
+        return int(getattr(model.config, "head_dim", None) or self.d_model(model) // self.n_heads(model))
+
+    def attention_input_norm(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.attention_norm_path)
+
+    def attention_norm_scale(self, block: nn.Module) -> torch.Tensor:
+        """gamma [d_model] of the norm the attention reads through (folded into W_Q / W_K when processing)."""
+        return _owned(self.attention_input_norm(block).weight)
+
+    def attention_norm_bias(self, block: nn.Module) -> torch.Tensor | None:
+        """beta [d_model] of that norm (LayerNorm), None for RMSNorm."""
+        return _optional(getattr(self.attention_input_norm(block), "bias", None))
+
+    def query_key(self, block: nn.Module) -> "QueryKeyWeights":
+        """The block's query and key projections per head, before any rotation."""
+        raise NotImplementedError
+
+    def rotary_dims(self, model: nn.Module) -> int:
+        """How many leading dims of each head's query/key are rotated (0: no rotary positions)."""
+        if self.rotary_path is None:
+            return 0
+        probe = torch.zeros(1, 1, dtype=torch.float32)
+        cos, _ = model.get_submodule(self.rotary_path)(probe, torch.zeros(1, 1, dtype=torch.long))
+        return int(cos.shape[-1])
+
+    def rotate(self, model: nn.Module, vectors: torch.Tensor, positions: torch.Tensor,
+               transpose: bool = False) -> torch.Tensor:
+        """Query/key vectors [..., P, d_head] rotated as the model rotates them at `positions` [P] (R(p) x;
+        R(p)^T x with transpose). The model's own rotary module makes cos/sin and its modeling file's
+        apply_rotary_pos_emb applies them to the leading rotary dims; the rest pass unchanged. No-op
+        without rotary positions."""
+        if self.rotary_path is None:
+            return vectors
+        cos, sin = model.get_submodule(self.rotary_path)(vectors, positions.reshape(1, -1).to(vectors.device))
+        if transpose:  # R(p)^T: the same cos, the opposite sin
+            sin = -sin
+        apply = sys.modules[type(self.attention(self.blocks(model)[0])).__module__].apply_rotary_pos_emb
+        width = cos.shape[-1]
+        flat = vectors.reshape(-1, 1, *vectors.shape[-2:])  # [N, 1, P, d_head]: cos/sin broadcast as [1, 1, P, r]
+        turned, _ = apply(flat[..., :width], flat[..., :width], cos, sin)
+        return torch.cat([turned, flat[..., width:]], dim=-1).reshape(vectors.shape)
+
+    @contextmanager
+    def intercept_attention(self, model: nn.Module, handler: "AttentionHandler") -> Iterator[None]:
+        """While open, every attention layer hands its post-rotary query/key/value [batch, heads, seq, d_head]
+        (key/value with n_kv_heads heads) to handler(layer, query, key, value, attend), which returns what
+        the attention function returns ((output [batch, seq, heads, d_head], probs [batch, heads, q, k])).
+        attend(query, key, value) runs the modeling file's own eager attention with the layer's mask and
+        scaling. Works through transformers' AttentionInterface: no forward is rewritten per architecture;
+        the model's attention implementation is restored on exit."""
+        _register_attention_probe()
+        layer_of = {id(self.attention(block)): layer for layer, block in enumerate(self.blocks(model))}
+        previous = model.config._attn_implementation
+        token = _ATTENTION_HANDLER.set(lambda module, *args: handler(layer_of[id(module)], *args))
+        model.set_attn_implementation(_ATTENTION_PROBE)
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(previous)
+            _ATTENTION_HANDLER.reset(token)
+
+
+@dataclass
+class QueryKeyWeights:
+    """One block's attention projections, per head, as they read the attention norm's output."""
+
+    w_q: torch.Tensor            # [n_heads, d_head, d_model]
+    b_q: torch.Tensor | None     # [n_heads, d_head]
+    w_k: torch.Tensor            # [n_kv_heads, d_head, d_model]
+    b_k: torch.Tensor | None     # [n_kv_heads, d_head]
+
+
+# handler(layer, query, key, value, attend) -> (attention output, attention probabilities)
+AttentionHandler = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+_ATTENTION_PROBE = "atlas_probe"
+_ATTENTION_HANDLER: ContextVar[Callable | None] = ContextVar("atlas_attention_handler", default=None)
+
+
+def _probe_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """The registered attention function: the modeling file's eager attention, through the open handler."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        return eager(module, q, k, v, attention_mask, **kwargs)
+
+    handler = _ATTENTION_HANDLER.get()
+    return attend(query, key, value) if handler is None else handler(module, query, key, value, attend)
+
+
+def _register_attention_probe() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(_ATTENTION_PROBE, _probe_attention)
+    AttentionMaskInterface.register(_ATTENTION_PROBE, eager_mask)  # an additive causal+padding mask, as eager's
+
+
+def separate_query_key(attention: nn.Module) -> QueryKeyWeights:
+    """q_proj [n_heads * d_head, d_model] and k_proj [n_kv_heads * d_head, d_model] (Llama, Phi and relatives)."""
+    d_head = attention.head_dim
+    q, k = attention.q_proj, attention.k_proj
+    w_q, w_k = _owned(q.weight), _owned(k.weight)
+    b_q, b_k = _optional(q.bias), _optional(k.bias)
+    return QueryKeyWeights(w_q.reshape(-1, d_head, w_q.shape[1]), None if b_q is None else b_q.reshape(-1, d_head),
+                           w_k.reshape(-1, d_head, w_k.shape[1]), None if b_k is None else b_k.reshape(-1, d_head))

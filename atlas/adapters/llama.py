@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atlas.adapters.base import Adapter, _optional, _owned
+from atlas.adapters.base import Adapter, QueryKeyWeights, _optional, _owned, separate_query_key
 
 
 class LlamaAdapter(Adapter):
@@ -19,6 +19,8 @@ class LlamaAdapter(Adapter):
     mlp_path = "mlp"
     attention_path = "self_attn"
     mlp_norm_path = "post_attention_layernorm"
+    attention_norm_path = "input_layernorm"
+    rotary_path = "model.rotary_emb"
 
     def w_in(self, block: nn.Module) -> torch.Tensor:
         return _owned(block.mlp.up_proj.weight)
@@ -34,3 +36,6 @@ class LlamaAdapter(Adapter):
 
     def w_out(self, block: nn.Module) -> torch.Tensor:
         return _owned(block.mlp.down_proj.weight).T
+
+    def query_key(self, block: nn.Module) -> QueryKeyWeights:
+        return separate_query_key(block.self_attn)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atlas.adapters.base import Adapter, _optional, _owned
+from atlas.adapters.base import Adapter, QueryKeyWeights, _optional, _owned, separate_query_key
+from atlas.errors import AtlasError
 
 
 class PhiAdapter(Adapter):
@@ -19,6 +20,8 @@ class PhiAdapter(Adapter):
     mlp_path = "mlp"
     attention_path = "self_attn"
     mlp_norm_path = "input_layernorm"
+    attention_norm_path = "input_layernorm"  # shared with the MLP (parallel block)
+    rotary_path = "model.rotary_emb"  # rotates the first rotary_ndims dims of each head
 
     def w_in(self, block: nn.Module) -> torch.Tensor:
         return _owned(block.mlp.fc1.weight)
@@ -28,3 +31,9 @@ class PhiAdapter(Adapter):
 
     def w_out(self, block: nn.Module) -> torch.Tensor:
         return _owned(block.mlp.fc2.weight).T
+
+    def query_key(self, block: nn.Module) -> QueryKeyWeights:
+        if getattr(block.self_attn, "qk_layernorm", False):
+            raise AtlasError("this Phi model normalises queries and keys per head (qk_layernorm): the query is "
+                             "not linear in the residual stream, so attention scores of neurons are undefined")
+        return separate_query_key(block.self_attn)

@@ -12,13 +12,14 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Engine
 
-from atlas.read import queries
+from atlas.read import queries, roles
 from atlas.read.html import example_html, number, visible_token
 
 WEIGHT_METRICS = [
     ("w_in_norm", "‖w_in‖"), ("w_out_norm", "‖w_out‖"), ("in_out_cos", "cos(w_in, w_out)"), ("l2_penalty", "L2 penalty"),
     ("b_in", "b_in"), ("w_gate_norm", "‖w_gate‖"), ("vocab_mean", "vocab mean"), ("vocab_var", "vocab variance"),
-    ("vocab_skew", "vocab skew"), ("vocab_kurt", "vocab kurtosis"),
+    ("vocab_skew", "vocab skew"), ("vocab_kurt", "vocab kurtosis"), ("null_frac", "null-space fraction"),
+    ("null_frac_random", "null-space fraction of a random direction"),
 ]
 
 
@@ -39,6 +40,10 @@ class NeuronCard:
     partners: pd.DataFrame  # the best-correlated neuron in every other seed
     universality: pd.DataFrame  # excess correlation per dataset
     provenance: pd.DataFrame  # the jobs that wrote these rows: revisions, tokenizer, library versions
+    labels: pd.DataFrame  # top token features per source (vocab, current_token, next_token) by variance reduction
+    token_sets: pd.DataFrame  # prediction / suppression: activation with the next token in its set or not
+    entropy: pd.DataFrame  # entropy, loss and norm scale with the activation fixed to each value of a grid
+    heads: pd.DataFrame  # later heads whose attention to the first position it moves, with path ablation
 
     @property
     def vocab_class(self) -> str | None:
@@ -50,7 +55,7 @@ class NeuronCard:
 
     def _repr_html_(self) -> str:
         sections = [self._header_html(), self._weights_html(), self._vocab_html(), self._activations_html(),
-                    self._partners_html(), self._provenance_html()]
+                    self._partners_html(), self._roles_html(), self._provenance_html()]
         return '<div class="atlas-card">' + "".join(sections) + "</div>"
 
     def _header_html(self) -> str:
@@ -96,6 +101,16 @@ class NeuronCard:
                 f"{self.partners.to_html(index=False, float_format=_float, na_rep='n/a')}")
 
 
+    def _roles_html(self) -> str:
+        parts = []
+        for title, frame in (("Labels (variance of the quantity explained by a token feature)", self.labels),
+                             ("Activation when the next token is in its vocabulary set", self.token_sets),
+                             ("Entropy intervention (activation fixed to each value)", self.entropy),
+                             ("Heads it deactivates (attention to the first position)", self.heads)):
+            if not frame.empty:
+                parts.append(f"<h4>{title}</h4>{frame.to_html(index=False, float_format=_float, na_rep='')}")
+        return "".join(parts)
+
     def _provenance_html(self) -> str:
         if self.provenance.empty:
             return ""
@@ -120,4 +135,8 @@ def load_card(engine: Engine, info: dict[str, Any], layer: int, neuron: int, dat
         partners=queries.correlation_partners(engine, model, layer, neuron),
         universality=queries.universal_scores(engine, model, layer, neuron),
         provenance=queries.neuron_provenance(engine, model, layer, neuron),
+        labels=roles.neuron_labels(engine, model, layer, neuron),
+        token_sets=roles.neuron_token_sets(engine, model, layer, neuron),
+        entropy=roles.entropy_curve(engine, model, layer, neuron),
+        heads=roles.neuron_heads(engine, model, layer, neuron),
     )

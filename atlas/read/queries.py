@@ -231,26 +231,37 @@ def family_neurons(
     dataset: str | None,
     universal_threshold: float | None = None,
     limit: int = 200_000,
+    label: tuple[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Neurons of a family with their vocabulary moments and (for `dataset`) their excess correlation.
+    """Neurons of a family with their vocabulary moments, their rank-0 vocabulary label and (for `dataset`)
+    their excess correlation.
 
     universal_threshold: keep only neurons whose excess_corr exceeds it (None keeps all).
+    label: (source, feature): keep only neurons whose rank-0 label from that source is the feature.
     """
     universal = "AND u.excess_corr > :threshold" if universal_threshold is not None else ""
+    labelled = """AND EXISTS (SELECT 1 FROM neuron_labels f WHERE f.model_id = n.model_id AND f.layer = n.layer
+                       AND f.neuron = n.neuron AND f.source = :label_source AND f.feature = :label_feature
+                       AND f.rank = 0)""" if label is not None else ""
+    label_source, label_feature = label if label is not None else (None, None)
     return _frame(engine, f"""
         SELECT m.name AS model, m.seed, n.layer, {REL_DEPTH.format(layer="n.layer")} AS rel_depth, n.neuron,
-               n.vocab_class, n.vocab_skew, n.vocab_kurt, n.vocab_var, n.w_out_norm, n.in_out_cos,
-               u.excess_corr, u.mean_max_corr, u.mean_baseline_corr
+               n.vocab_class, lv.feature AS vocab_label, n.vocab_skew, n.vocab_kurt, n.vocab_var, n.w_out_norm,
+               n.in_out_cos, n.null_frac, u.excess_corr, u.mean_max_corr, u.mean_baseline_corr
         FROM neurons n
         JOIN models m ON m.id = n.model_id
         LEFT JOIN universal_neurons u
              ON u.model_id = n.model_id AND u.layer = n.layer AND u.neuron = n.neuron AND u.dataset = :dataset
+        LEFT JOIN neuron_labels lv
+             ON lv.model_id = n.model_id AND lv.layer = n.layer AND lv.neuron = n.neuron AND lv.source = 'vocab'
+                AND lv.rank = 0
         WHERE m.family = :family AND m.seed IN :seeds AND n.layer BETWEEN :lo AND :hi
-              AND n.vocab_class IN :classes {universal}
+              AND n.vocab_class IN :classes {universal} {labelled}
         ORDER BY (u.excess_corr IS NULL), u.excess_corr DESC, m.seed, n.layer, n.neuron
         LIMIT :limit""",
         expanding=("seeds", "classes"), family=family, seeds=list(seeds), lo=layers[0], hi=layers[1],
-        classes=list(classes), dataset=dataset, threshold=universal_threshold, limit=limit)
+        classes=list(classes), dataset=dataset, threshold=universal_threshold, limit=limit,
+        label_source=label_source, label_feature=label_feature)
 
 
 def vocab_classes(engine: Engine, family: str) -> list[str]:
@@ -291,7 +302,7 @@ def universal_fraction_by_layer(engine: Engine, family: str, dataset: str, thres
 def neuron_weights(engine: Engine, model: str, layer: int, neuron: int) -> dict[str, Any] | None:
     frame = _frame(engine, """
         SELECT n.w_in_norm, n.w_gate_norm, n.b_in, n.w_out_norm, n.in_out_cos, n.l2_penalty,
-               n.vocab_mean, n.vocab_var, n.vocab_skew, n.vocab_kurt, n.vocab_class
+               n.vocab_mean, n.vocab_var, n.vocab_skew, n.vocab_kurt, n.vocab_class, n.null_frac, n.null_frac_random
         FROM neurons n JOIN models m ON m.id = n.model_id
         WHERE m.name = :model AND n.layer = :layer AND n.neuron = :neuron""",
         model=model, layer=layer, neuron=neuron)
@@ -332,7 +343,7 @@ def top_examples(engine: Engine, model: str, layer: int, neuron: int, dataset: s
 
 
 def neuron_provenance(engine: Engine, model: str, layer: int, neuron: int) -> pd.DataFrame:
-    """The jobs that wrote this neuron's rows (weights, activations, correlations): one row per job."""
+    """The jobs that wrote this neuron's rows (weights, activations, correlations, roles): one row per job."""
     return _frame(engine, f"""
         WITH written AS (
             SELECT 'weights' AS result, n.job_id FROM neurons n JOIN models m ON m.id = n.model_id
@@ -343,6 +354,15 @@ def neuron_provenance(engine: Engine, model: str, layer: int, neuron: int) -> pd
             UNION
             SELECT 'correlations', c.job_id FROM neuron_correlations c JOIN models m ON m.id = c.model_id
             WHERE m.name = :model AND c.layer = :layer AND c.neuron = :neuron
+            UNION
+            SELECT 'labels', l.job_id FROM neuron_labels l JOIN models m ON m.id = l.model_id
+            WHERE m.name = :model AND l.layer = :layer AND l.neuron = :neuron
+            UNION
+            SELECT 'entropy', e.job_id FROM entropy_interventions e JOIN models m ON m.id = e.model_id
+            WHERE m.name = :model AND e.layer = :layer AND e.neuron = :neuron
+            UNION
+            SELECT 'attention roles', h.job_id FROM neuron_head_scores h JOIN models m ON m.id = h.model_id
+            WHERE m.name = :model AND h.layer = :layer AND h.neuron = :neuron
         )
         SELECT w.result, j.id AS job_id, j.kind, d.name AS dataset, o.name AS other_model, j.finished_at,
                j.atlas_version, {PROVENANCE_COLUMNS}
