@@ -35,16 +35,6 @@ def _seed_color() -> alt.Color:
     return alt.Color("seed:N", title="seed")
 
 
-def scatter_sample(frame: pd.DataFrame, limit: int = MAX_SCATTER_POINTS, seed: int = 0) -> pd.DataFrame:
-    """All classed neurons plus a fixed random sample of the rest, at most `limit` rows in all."""
-    if len(frame) <= limit:
-        return frame
-    classed = frame[frame["vocab_class"] != "none"].head(limit)
-    rest = frame[frame["vocab_class"] == "none"]
-    room = max(0, limit - len(classed))
-    return pd.concat([classed, rest.sample(n=min(room, len(rest)), random_state=seed)])
-
-
 def vocab_skew_kurtosis(frame: pd.DataFrame) -> alt.Chart:
     return (
         alt.Chart(frame)
@@ -134,9 +124,9 @@ def correlation_histogram(frame: pd.DataFrame, threshold_line: float | None = No
         alt.Chart(frame)
         .mark_bar(opacity=0.55, binSpacing=0)
         .encode(
-            x=alt.X("bin_start:Q", bin="binned", title="max correlation with the other seed"),
+            x=alt.X("bin_start:Q", bin="binned", title="max correlation, averaged over the other seeds"),
             x2="bin_end:Q",
-            y=alt.Y("count:Q", stack=None, title="neurons × other seeds"),
+            y=alt.Y("count:Q", stack=None, title="neurons"),
             color=alt.Color("series:N", title=None,
                             scale=alt.Scale(domain=["max correlation", "rotation baseline"],
                                             range=["#d62728", "#7f7f7f"])),

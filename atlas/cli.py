@@ -6,17 +6,18 @@ import dataclasses
 import inspect
 import logging
 import os
-import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Any, Callable, Generic, Optional, TypeVar
 
+import click
 import typer
 import tyro
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from atlas.errors import AtlasError, first_line
 
@@ -24,7 +25,28 @@ app = typer.Typer(help="Neuron Atlas: an atlas of the MLP neurons of causal lang
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 db_app = typer.Typer(help="Create and migrate the atlas database.", no_args_is_help=True)
 model_app = typer.Typer(help="Register, list and remove models.", no_args_is_help=True)
-ingest_app = typer.Typer(help="Batch jobs that compute results into the database.", no_args_is_help=True)
+
+
+class IngestGroup(TyperGroup):
+    """`atlas ingest`: the jobs (and torch with them) are imported when the group's commands are first looked
+    at, so that `atlas --help` and `atlas app` start without them."""
+
+    _jobs_loaded = False
+
+    @property
+    def commands(self) -> dict[str, click.Command]:
+        if not self._jobs_loaded:
+            self._jobs_loaded = True
+            self._commands.update(typer.main.get_group(_jobs_app()).commands)
+        return self._commands
+
+    @commands.setter
+    def commands(self, value: dict[str, click.Command]) -> None:
+        self._commands = value
+
+
+ingest_app = typer.Typer(cls=IngestGroup, help="Batch jobs that compute results into the database.",
+                         no_args_is_help=True)
 dataset_app = typer.Typer(help="Register and list token datasets.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
@@ -283,26 +305,25 @@ class JobArguments(Generic[C]):
     db: Annotated[Optional[str], tyro.conf.arg(help=DB_HELP, metavar="URL", help_behavior_hint="")] = None
 
 
-def add_job_command(name: str, config_cls: type, run: Callable[[Any, Any], None]) -> None:
+def add_job_command(jobs_app: typer.Typer, name: str, config_cls: type, run: Callable[[Any, Any], None]) -> None:
     """`atlas ingest NAME`: typer passes the raw arguments (--help included) on to tyro."""
     description = inspect.cleandoc(config_cls.__doc__ or "")
 
-    @ingest_app.command(name, help=" ".join(description.split()), add_help_option=False,
-                        context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    @jobs_app.command(name, help=" ".join(description.split()), add_help_option=False,
+                      context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def command(ctx: typer.Context) -> None:
         arguments = tyro.cli(JobArguments[config_cls], args=ctx.args, prog=f"atlas ingest {name}",
                              description=description)
         run(arguments.config, open_store(arguments.db))
 
 
-def _register_jobs() -> None:
+def _jobs_app() -> typer.Typer:
     from ingest import JOBS
 
+    jobs_app = typer.Typer()
     for name, (config_cls, run) in JOBS.items():
-        add_job_command(name, config_cls, run)
-
-
-_register_jobs()
+        add_job_command(jobs_app, name, config_cls, run)
+    return jobs_app
 
 
 # --- seed families and the demo ------------------------------------------------------------------
@@ -490,24 +511,73 @@ def _check_export_options(source: str, neuronpedia: bool, model: str | None, dat
 # --- app -----------------------------------------------------------------------------------------
 
 
-@app.command("app")
-def run_app(db: Optional[str] = DbOption,
-            port: int = typer.Option(8501, "--port", help="Port to serve the app on."),
+STREAMLIT_PREFIXES = ("--server.", "--theme.", "--browser.")  # Streamlit's options that `atlas app` passes on
+
+
+@app.command("app", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run_app(ctx: typer.Context,
+            db: Optional[str] = DbOption,
+            port: str = typer.Option("8501", "--port", metavar="PORT", help="Port to serve the app on."),
+            address: Optional[str] = typer.Option(None, "--address", show_default=False, metavar="ADDRESS",
+                                                  help="Address to serve the app on (default: every interface, "
+                                                       "as Streamlit does), e.g. 127.0.0.1 for this machine only."),
             reader_db: Optional[str] = typer.Option(
                 None, "--reader-db", envvar="ATLAS_READER_URL", show_default=False,
                 help="PostgreSQL URL the SQL console connects with (default: the --db URL as user atlas_reader, "
                      "password $ATLAS_READER_PASSWORD). Made by `atlas db create-reader`.")) -> None:
-    """Open the atlas app (Streamlit) on the database."""
-    from atlas.store import resolve_url
+    """Open the atlas app (Streamlit) on the database. Streamlit's own --server.*, --theme.* and --browser.*
+    options after the command are passed on (e.g. --server.baseUrlPath atlas --theme.base dark)."""
+    from sqlalchemy.engine import make_url
 
-    url = resolve_url(db)
-    open_store(url)  # fail here, in one line, if the database is missing or not migrated
-    main_py = Path(__file__).resolve().parent.parent / "app" / "main.py"
+    port_number = _port(port)
+    passthrough = _streamlit_options(ctx.args)
+    store = open_store(db)  # fail here, in one line, if the database is missing or not migrated
+    url = _store_url
+    store.dispose()
     env = {**os.environ, "ATLAS_DATABASE_URL": url, **({"ATLAS_READER_URL": reader_db} if reader_db else {})}
-    out.print(f"Neuron Atlas app on http://localhost:{port} (database {url})")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(main_py), "--server.port", str(port),
-           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--", "--db", url]
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    shown = make_url(url).render_as_string(hide_password=True)
+    out.print(f"Neuron Atlas app on http://{address or 'localhost'}:{port_number} (database {shown})",
+              highlight=False, soft_wrap=True)
+    argv = streamlit_argv(url, port_number, address, passthrough)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)  # this process becomes the server: a signal to it stops the app
+
+
+def streamlit_argv(url: str, port: int, address: str | None, passthrough: list[str]) -> list[str]:
+    """`python -m streamlit run app/main.py` with our options first, so that passed-on ones win."""
+    main_py = Path(__file__).resolve().parent.parent / "app" / "main.py"
+    ours = ["--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    if address:
+        ours += ["--server.address", address]
+    return [sys.executable, "-m", "streamlit", "run", str(main_py), *ours, *passthrough, "--", "--db", url]
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise AtlasError(f"--port {value!r}: give a port number from 1 to 65535")
+    return port
+
+
+def _streamlit_options(args: list[str]) -> list[str]:
+    """Extra arguments: Streamlit options as `--server.x VALUE` or `--server.x=VALUE`, nothing else."""
+    options, rest = [], list(args)
+    while rest:
+        word = rest.pop(0)
+        if not word.startswith(STREAMLIT_PREFIXES):
+            raise AtlasError(f"atlas app: unknown argument {word!r}; it takes --db, --port, --address, --reader-db "
+                             f"and Streamlit's {', '.join(p + '*' for p in STREAMLIT_PREFIXES)} options")
+        if "=" in word:
+            options.append(word)
+        elif rest and not rest[0].startswith("--"):
+            options += [word, rest.pop(0)]
+        else:
+            raise AtlasError(f"atlas app: {word} needs a value, e.g. {word} VALUE or {word}=VALUE")
+    return options
 
 
 def main() -> None:

@@ -49,11 +49,12 @@ def render() -> None:
         st.warning("Pick at least one seed and one class.")
         return
 
-    neurons = queries.family_neurons(engine, family, seeds, layers, classes, dataset,
-                                     threshold if universal_only else None, label=label)
-    _show_charts(engine, family, neurons, dataset, threshold)
+    chosen = queries.NeuronFilter(family, seeds, layers, classes, dataset, threshold if universal_only else None,
+                                  label)
+    total = queries.family_neuron_count(engine, chosen)
+    _show_charts(engine, family, chosen, total, dataset, threshold)
     _show_labels(engine, family, label)
-    _show_neuron_list(neurons, threshold)
+    _show_neuron_list(queries.family_neurons(engine, chosen, limit=SHOWN_NEURONS), total, threshold)
 
 
 def _choose_label(engine, family: str) -> tuple[str, str] | None:
@@ -80,14 +81,15 @@ def _show_labels(engine, family: str, label: tuple[str, str] | None) -> None:
     st.altair_chart(charts.label_counts(counts))
 
 
-def _show_charts(engine, family: str, neurons, dataset: str | None, threshold: float | None) -> None:
+def _show_charts(engine, family: str, chosen, total: int, dataset: str | None, threshold: float | None) -> None:
     st.subheader("Vocabulary skew against kurtosis")
-    plotted = charts.scatter_sample(neurons.dropna(subset=["vocab_skew", "vocab_kurt"]))
+    plotted = queries.family_neuron_sample(engine, chosen, total, size=charts.MAX_SCATTER_POINTS)
+    plotted = plotted.dropna(subset=["vocab_skew", "vocab_kurt"])
     if plotted.empty:
         st.caption("No neurons match the filters.")
     else:
-        if len(plotted) < len(neurons):
-            st.caption(f"Showing {len(plotted)} of {len(neurons)} neurons: every classed neuron and a fixed sample.")
+        if len(plotted) < total:
+            st.caption(f"Showing {len(plotted)} of {total} neurons: every classed neuron and a fixed sample.")
         st.altair_chart(charts.vocab_skew_kurtosis(plotted))
 
     st.subheader("Prediction and suppression neurons by depth (one line per seed)")
@@ -99,11 +101,11 @@ def _show_charts(engine, family: str, neurons, dataset: str | None, threshold: f
             queries.universal_fraction_by_layer(engine, family, dataset, threshold)))
 
 
-def _show_neuron_list(neurons, threshold: float | None) -> None:
-    st.subheader(f"Matching neurons ({len(neurons)})")
-    shown = neurons.head(SHOWN_NEURONS).copy()
-    if len(neurons) > len(shown):
-        st.caption(f"The first {SHOWN_NEURONS}, by excess correlation: narrow the filters or use the SQL page.")
+def _show_neuron_list(neurons, total: int, threshold: float | None) -> None:
+    st.subheader(f"Matching neurons ({total})")
+    shown = neurons.copy()
+    if total > len(shown):
+        st.caption(f"The first {len(shown)}, by excess correlation: narrow the filters or use the SQL page.")
     shown.insert(0, "card", [card_url(m, l, n) for m, l, n in zip(shown["model"], shown["layer"], shown["neuron"])])
     if threshold is not None:
         st.caption(f"Universal here means excess correlation > {threshold:g}.")

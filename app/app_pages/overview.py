@@ -11,7 +11,7 @@ from atlas.read import queries
 def render() -> None:
     st.title("Neuron Atlas")
     engine = connection.engine()
-    counts = queries.row_counts(engine).set_index("table_name")["n_rows"]
+    filled = queries.tables_with_rows(engine, [table for table, _, _ in STAGES])
 
     families = queries.families(engine)
     if families.empty:
@@ -21,7 +21,7 @@ def render() -> None:
         st.dataframe(families, hide_index=True)
         st.subheader("Models (one per seed)")
         st.dataframe(queries.models(engine).drop(columns=["model_id"]), hide_index=True)
-        _show_missing_steps(counts, families["family"].iloc[0])
+        _show_missing_steps(filled, families["family"].iloc[0])
 
     st.subheader("Datasets")
     datasets = queries.datasets(engine)
@@ -33,21 +33,26 @@ def render() -> None:
     _show_training(engine)
     _show_jobs(engine)
 
-    st.subheader("Rows per table")
-    st.dataframe(counts.rename("rows").to_frame(), width=360)
+    st.subheader("Rows written, by job kind")
+    st.caption("From the jobs ledger: the jobs whose results are current (status done).")
+    st.dataframe(queries.rows_by_job_kind(engine), hide_index=True, width=420)
 
 
-def _show_missing_steps(counts, family: str) -> None:
+# A stage of the pipeline, the table its job fills, and what to say while it is empty.
+STAGES = [
+    ("neurons", "No weight statistics yet", "weights"),
+    ("activation_stats", "No activation statistics or top examples yet", "activations"),
+    ("neuron_correlations", "No cross-seed correlations yet", "correlations"),
+    ("layer_interventions", "No layer deletions or swaps yet", "interventions"),
+    ("logit_lens", "No logit lens yet", "lens"),
+    ("neuron_labels", "No token-feature labels yet", "labels"),
+]
+
+
+def _show_missing_steps(filled: set[str], family: str) -> None:
     """Point at the next job when a stage of the pipeline has no rows yet."""
-    stages = [
-        ("neurons", "No weight statistics yet", "weights"),
-        ("activation_stats", "No activation statistics or top examples yet", "activations"),
-        ("neuron_correlations", "No cross-seed correlations yet", "correlations"),
-        ("layer_interventions", "No layer deletions or swaps yet", "interventions"),
-        ("logit_lens", "No logit lens yet", "lens"),
-    ]
-    for table, missing, step in stages:
-        if counts.get(table, 0) == 0:
+    for table, missing, step in STAGES:
+        if table not in filled:
             guidance.show_missing(missing, step, family=family)
 
 

@@ -8,6 +8,7 @@ except the console's read-only connection, atlas.store.read_only).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,7 +16,6 @@ import pandas as pd
 from sqlalchemy import Engine, bindparam, inspect, text
 
 from atlas.store import read_only
-from atlas.store.schema import Base
 from atlas.store.views import REL_DEPTH
 
 
@@ -64,6 +64,14 @@ def _limit(limit: int | None) -> str:
     return "" if limit is None else f"LIMIT {int(limit)}"
 
 
+def _scalar_expanding(engine: Engine, sql: str, expanding: Sequence[str] = (), **params: Any) -> Any:
+    statement = text(sql)
+    if expanding:
+        statement = statement.bindparams(*(bindparam(name, expanding=True) for name in expanding))
+    with engine.connect() as conn:
+        return conn.execute(statement, {name: _plain(value) for name, value in params.items()}).scalar()
+
+
 def _scalar(engine: Engine, sql: str, **params: Any) -> Any:
     with engine.connect() as conn:
         return conn.execute(text(sql), params).scalar()
@@ -81,10 +89,18 @@ def json_list(value: Any) -> list | None:
 # --- overview ------------------------------------------------------------------------------------
 
 
-def row_counts(engine: Engine) -> pd.DataFrame:
-    tables = [table.name for table in Base.metadata.sorted_tables]
-    union = " UNION ALL ".join(f"SELECT '{name}' AS table_name, COUNT(*) AS n_rows FROM {name}" for name in tables)
-    return _frame(engine, union)
+def tables_with_rows(engine: Engine, tables: Sequence[str]) -> set[str]:
+    """Which of these tables hold at least one row (one row read per table)."""
+    union = " UNION ALL ".join(f"SELECT '{name}' AS table_name FROM (SELECT 1 FROM {name} LIMIT 1) AS {name}_any"
+                               for name in tables)
+    return set(_frame(engine, union)["table_name"])
+
+
+def rows_by_job_kind(engine: Engine) -> pd.DataFrame:
+    """Rows written per job kind by the jobs whose results are current (status done), from the ledger."""
+    return _frame(engine, """
+        SELECT kind, COUNT(*) AS n_jobs, SUM(n_rows) AS n_rows FROM jobs WHERE status = 'done'
+        GROUP BY kind ORDER BY kind""")
 
 
 def families(engine: Engine) -> pd.DataFrame:
@@ -207,68 +223,108 @@ def correlations(engine: Engine, model: str | None = None, layer: int | None = N
 # --- neuron families -----------------------------------------------------------------------------
 
 
+# Which models and datasets have correlations: one index probe of the universality summary per model
+# (its primary key leads with model_id, dataset_id) instead of a DISTINCT over millions of rows.
+_HAS_CORRELATIONS = """EXISTS (SELECT 1 FROM neuron_universality u
+                              WHERE u.model_id = m.id AND u.dataset_id = d.id)"""
+
+
 def correlation_datasets(engine: Engine, family: str) -> list[str]:
-    frame = _frame(engine, """
-        SELECT DISTINCT d.name FROM neuron_correlations c
-        JOIN models m ON m.id = c.model_id JOIN datasets d ON d.id = c.dataset_id
-        WHERE m.family = :family ORDER BY d.name""", family=family)
+    frame = _frame(engine, f"""
+        SELECT d.name FROM datasets d
+        WHERE EXISTS (SELECT 1 FROM models m WHERE m.family = :family AND {_HAS_CORRELATIONS})
+        ORDER BY d.name""", family=family)
     return frame["name"].tolist()
 
 
 def stored_universal_threshold(engine: Engine, family: str) -> float | None:
+    """The threshold the family's correlations were stored with (one summary row per model is enough:
+    every neuron of a model carries the same pairs)."""
     value = _scalar(engine, """
-        SELECT MAX(c.universal_threshold) FROM neuron_correlations c JOIN models m ON m.id = c.model_id
-        WHERE m.family = :family""", family=family)
+        SELECT MAX(t.threshold) FROM (
+            SELECT (SELECT u.universal_threshold FROM neuron_universality u WHERE u.model_id = m.id LIMIT 1)
+                   AS threshold
+            FROM models m WHERE m.family = :family) t""", family=family)
     return None if value is None else float(value)
 
 
-def family_neurons(
-    engine: Engine,
-    family: str,
-    seeds: Sequence[int],
-    layers: tuple[int, int],
-    classes: Sequence[str],
-    dataset: str | None,
-    universal_threshold: float | None = None,
-    limit: int = 200_000,
-    label: tuple[str, str] | None = None,
-) -> pd.DataFrame:
-    """Neurons of a family with their vocabulary moments, their rank-0 vocabulary label and (for `dataset`)
-    their excess correlation.
+@dataclass(frozen=True)
+class NeuronFilter:
+    """The Families page's choice of neurons: seeds, a layer range, classes, and optionally a correlation
+    dataset (with a bar on excess correlation) and a rank-0 label (source, feature)."""
 
-    universal_threshold: keep only neurons whose excess_corr exceeds it (None keeps all).
-    label: (source, feature): keep only neurons whose rank-0 label from that source is the feature.
-    """
-    universal = "AND u.excess_corr > :threshold" if universal_threshold is not None else ""
-    labelled = """AND EXISTS (SELECT 1 FROM neuron_labels f WHERE f.model_id = n.model_id AND f.layer = n.layer
-                       AND f.neuron = n.neuron AND f.source = :label_source AND f.feature = :label_feature
-                       AND f.rank = 0)""" if label is not None else ""
-    label_source, label_feature = label if label is not None else (None, None)
+    family: str
+    seeds: Sequence[int]
+    layers: tuple[int, int]
+    classes: Sequence[str]
+    dataset: str | None = None
+    universal_threshold: float | None = None
+    label: tuple[str, str] | None = None
+
+    def sql(self) -> tuple[str, dict[str, Any]]:
+        """FROM ... WHERE ... over neurons n, models m, the summary u (for the dataset) and the vocab label lv."""
+        universal = "AND u.excess_corr > :threshold" if self.universal_threshold is not None else ""
+        labelled = """AND EXISTS (SELECT 1 FROM neuron_labels f WHERE f.model_id = n.model_id AND f.layer = n.layer
+                           AND f.neuron = n.neuron AND f.source = :label_source AND f.feature = :label_feature
+                           AND f.rank = 0)""" if self.label is not None else ""
+        label_source, label_feature = self.label if self.label is not None else (None, None)
+        clause = f"""
+            FROM neurons n
+            JOIN models m ON m.id = n.model_id
+            LEFT JOIN neuron_universality u
+                 ON u.model_id = n.model_id AND u.layer = n.layer AND u.neuron = n.neuron
+                    AND u.dataset_id = (SELECT d.id FROM datasets d WHERE d.name = :dataset)
+            LEFT JOIN neuron_labels lv
+                 ON lv.model_id = n.model_id AND lv.layer = n.layer AND lv.neuron = n.neuron
+                    AND lv.source = 'vocab' AND lv.rank = 0
+            WHERE m.family = :family AND m.seed IN :seeds AND n.layer BETWEEN :lo AND :hi
+                  AND n.vocab_class IN :classes {universal} {labelled}"""
+        return clause, dict(family=self.family, seeds=list(self.seeds), lo=self.layers[0], hi=self.layers[1],
+                            classes=list(self.classes), dataset=self.dataset, threshold=self.universal_threshold,
+                            label_source=label_source, label_feature=label_feature)
+
+
+_FAMILY_NEURON_COLUMNS = f"""
+    m.name AS model, m.seed, n.layer, {REL_DEPTH.format(layer="n.layer")} AS rel_depth, n.neuron,
+    n.vocab_class, lv.feature AS vocab_label, n.vocab_skew, n.vocab_kurt, n.vocab_var, n.w_out_norm,
+    n.in_out_cos, n.null_frac, u.excess_corr, u.mean_max_corr, u.mean_baseline_corr"""
+_FAMILY_EXPANDING = ("seeds", "classes")
+
+
+def family_neurons(engine: Engine, chosen: NeuronFilter, limit: int = 2000) -> pd.DataFrame:
+    """The first `limit` chosen neurons with their vocabulary moments, rank-0 vocabulary label and (for the
+    dataset) excess correlation, the most universal first."""
+    clause, params = chosen.sql()
     return _frame(engine, f"""
-        SELECT m.name AS model, m.seed, n.layer, {REL_DEPTH.format(layer="n.layer")} AS rel_depth, n.neuron,
-               n.vocab_class, lv.feature AS vocab_label, n.vocab_skew, n.vocab_kurt, n.vocab_var, n.w_out_norm,
-               n.in_out_cos, n.null_frac, u.excess_corr, u.mean_max_corr, u.mean_baseline_corr
-        FROM neurons n
-        JOIN models m ON m.id = n.model_id
-        LEFT JOIN universal_neurons u
-             ON u.model_id = n.model_id AND u.layer = n.layer AND u.neuron = n.neuron AND u.dataset = :dataset
-        LEFT JOIN neuron_labels lv
-             ON lv.model_id = n.model_id AND lv.layer = n.layer AND lv.neuron = n.neuron AND lv.source = 'vocab'
-                AND lv.rank = 0
-        WHERE m.family = :family AND m.seed IN :seeds AND n.layer BETWEEN :lo AND :hi
-              AND n.vocab_class IN :classes {universal} {labelled}
+        SELECT {_FAMILY_NEURON_COLUMNS} {clause}
         ORDER BY (u.excess_corr IS NULL), u.excess_corr DESC, m.seed, n.layer, n.neuron
-        LIMIT :limit""",
-        expanding=("seeds", "classes"), family=family, seeds=list(seeds), lo=layers[0], hi=layers[1],
-        classes=list(classes), dataset=dataset, threshold=universal_threshold, limit=limit,
-        label_source=label_source, label_feature=label_feature)
+        LIMIT :limit""", _FAMILY_EXPANDING, **params, limit=limit)
+
+
+def family_neuron_count(engine: Engine, chosen: NeuronFilter) -> int:
+    clause, params = chosen.sql()
+    return int(_scalar_expanding(engine, f"SELECT COUNT(*) {clause}", _FAMILY_EXPANDING, **params) or 0)
+
+
+def family_neuron_sample(engine: Engine, chosen: NeuronFilter, total: int, size: int = 5000) -> pd.DataFrame:
+    """At most `size` chosen neurons for a scatter plot: every classed one first, then a fixed sample of the
+    rest (every k-th by a hash of seed, layer and neuron, so a page shows the same points each time)."""
+    clause, params = chosen.sql()
+    every = max(1, -(-total // size))
+    return _frame(engine, f"""
+        SELECT {_FAMILY_NEURON_COLUMNS} {clause}
+              AND (n.vocab_class <> 'none' OR (n.neuron * 7919 + n.layer * 104729 + m.seed * 1299709) % :every = 0)
+        ORDER BY (n.vocab_class = 'none'), m.seed, n.layer, n.neuron
+        LIMIT :size""", _FAMILY_EXPANDING, **params, every=every, size=size)
+
+
+# The classes of atlas.metrics.weights.classify, in the order the pages show them.
+VOCAB_CLASSES = ("prediction", "suppression", "partition", "none")
 
 
 def vocab_classes(engine: Engine, family: str) -> list[str]:
-    frame = _frame(engine, """
-        SELECT DISTINCT n.vocab_class FROM neurons n JOIN models m ON m.id = n.model_id
-        WHERE m.family = :family ORDER BY n.vocab_class""", family=family)
-    return frame["vocab_class"].tolist()
+    """The vocabulary classes (all of them, without reading the family's neurons)."""
+    return list(VOCAB_CLASSES)
 
 
 def class_counts_by_depth(engine: Engine, family: str) -> pd.DataFrame:
@@ -390,7 +446,8 @@ def universal_scores(engine: Engine, model: str, layer: int, neuron: int) -> pd.
 
 def families_with_correlations(engine: Engine) -> list[str]:
     frame = _frame(engine, """
-        SELECT DISTINCT m.family FROM neuron_correlations c JOIN models m ON m.id = c.model_id ORDER BY m.family""")
+        SELECT DISTINCT m.family FROM models m
+        WHERE EXISTS (SELECT 1 FROM neuron_universality u WHERE u.model_id = m.id) ORDER BY m.family""")
     return frame["family"].tolist()
 
 
@@ -404,10 +461,9 @@ def universality_by_step(engine: Engine, family: str, dataset: str) -> pd.DataFr
 
 
 def correlated_models(engine: Engine, family: str, dataset: str) -> list[str]:
-    frame = _frame(engine, """
-        SELECT DISTINCT m.name, m.seed FROM neuron_correlations c
-        JOIN models m ON m.id = c.model_id JOIN datasets d ON d.id = c.dataset_id
-        WHERE m.family = :family AND d.name = :dataset ORDER BY m.seed""", family=family, dataset=dataset)
+    frame = _frame(engine, f"""
+        SELECT m.name FROM models m JOIN datasets d ON d.name = :dataset
+        WHERE m.family = :family AND {_HAS_CORRELATIONS} ORDER BY m.seed, m.name""", family=family, dataset=dataset)
     return frame["name"].tolist()
 
 
@@ -428,13 +484,14 @@ def count_above_threshold(engine: Engine, model: str, dataset: str, threshold: f
 
 
 def max_corr_histogram(engine: Engine, model: str, dataset: str, bins: int = 50) -> pd.DataFrame:
-    """Counts of max_corr and of the rotation baseline's max_corr over the same bins (long format)."""
+    """Counts of each neuron's mean max correlation over the other seeds and of its rotation baseline's, over
+    the same bins (long format). Read from the universality summary: one row per neuron, by its primary key."""
     frame = _frame(engine, """
-        SELECT c.max_corr, c.baseline_max_corr
-        FROM neuron_correlations c JOIN models m ON m.id = c.model_id JOIN datasets d ON d.id = c.dataset_id
+        SELECT u.mean_max_corr, u.mean_baseline_corr
+        FROM neuron_universality u JOIN models m ON m.id = u.model_id JOIN datasets d ON d.id = u.dataset_id
         WHERE m.name = :model AND d.name = :dataset""", model=model, dataset=dataset)
-    values = {"max correlation": frame["max_corr"].dropna().to_numpy(float),
-              "rotation baseline": frame["baseline_max_corr"].dropna().to_numpy(float)}
+    values = {"max correlation": frame["mean_max_corr"].dropna().to_numpy(float),
+              "rotation baseline": frame["mean_baseline_corr"].dropna().to_numpy(float)}
     present = np.concatenate(list(values.values()))
     if present.size == 0:
         return pd.DataFrame(columns=["series", "bin_start", "bin_end", "count"])

@@ -271,7 +271,7 @@ class NeuronUniversality(Base):
     is_universal: Mapped[Optional[bool]]
     universal_threshold: Mapped[float] = mapped_column(Float)
 
-    __table_args__ = (Index("ix_neuron_universality_ranked", "dataset_id", "model_id", "excess_corr"),)
+    __table_args__ = (Index("ix_neuron_universality_ranked", "dataset_id", "excess_corr"),)
 
 
 # --- layer interventions, logit lens, layer statistics -------------------------------------------

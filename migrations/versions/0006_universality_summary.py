@@ -143,7 +143,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('model_id', 'dataset_id', 'layer', 'neuron', name=op.f('pk_neuron_universality'))
     )
     op.create_index('ix_neuron_universality_ranked', 'neuron_universality',
-                    ['dataset_id', 'model_id', 'excess_corr'], unique=False)
+                    ['dataset_id', 'excess_corr'], unique=False)
     op.create_index('ix_neuron_correlations_neuron', 'neuron_correlations', ['model_id', 'dataset_id', 'layer', 'neuron'],
                     unique=False)
     op.execute(FILL_SUMMARY)
