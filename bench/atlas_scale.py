@@ -183,6 +183,22 @@ def correlation_columns(rng: np.random.Generator, model, other, dataset, n: int,
             "baseline_max_corr": baseline, "universal_threshold": 0.5}
 
 
+LABEL_FEATURES = ("leading_space", "capitalized", "digits", "year", "period", "comma", "newline", "ends_with_ing",
+                  "ends_with_s", "stopword", "pronoun_third", "month", "code_like", "open_bracket", "quote")
+
+
+def label_columns(rng: np.random.Generator, model, dataset, n: int) -> dict:
+    """The top 3 labels of every neuron for the current-token source (a Zipf-like choice of features)."""
+    weights = 1.0 / np.arange(1, len(LABEL_FEATURES) + 1)
+    features = rng.choice(len(LABEL_FEATURES), size=(n, 3), p=weights / weights.sum())
+    scores = np.sort(rng.beta(1, 8, (n, 3)), axis=1)[:, ::-1]
+    return {"model_id": model.id, "dataset_id": dataset.id, "layer": np.repeat(np.arange(n) // model.d_mlp, 3),
+            "neuron": np.repeat(np.arange(n) % model.d_mlp, 3), "source": "current_token",
+            "rank": np.tile(np.arange(3), n), "feature": np.asarray(LABEL_FEATURES, dtype=object)[features.reshape(-1)],
+            "score": scores.reshape(-1), "mean_with": rng.normal(0.5, 0.2, 3 * n),
+            "mean_without": rng.normal(0.0, 0.1, 3 * n)}
+
+
 # -- writing, against a raw binary COPY -----------------------------------------------------------
 
 @dataclass
@@ -287,14 +303,17 @@ def _pg_type(column) -> str:
 
 
 def fill(store, args: argparse.Namespace, report: Report) -> tuple[list, object]:
-    from atlas.store.schema import ActivationStat, Neuron, NeuronCorrelation, TopExample
+    from atlas.store.schema import ActivationStat, Neuron, NeuronCorrelation, NeuronLabel, TopExample
+    from atlas.store.universality import refresh_universality
 
     rng = np.random.default_rng(0)
     n = args.layers * args.d_mlp
     universal = rng.random(n) < args.universal
     vocab = [f"tok{i}" for i in range(5000)]
     models, dataset = registry(store, args)
-    writers = {name: WriterTimes() for name in ("neurons", "activation_stats", "top_examples", "neuron_correlations")}
+    writers = {name: WriterTimes() for name in ("neurons", "activation_stats", "top_examples", "neuron_correlations",
+                                                "neuron_labels")}
+    refresh_seconds = 0.0
     start = time.perf_counter()
     for index, model in enumerate(models):
         first = index == 0
@@ -311,10 +330,16 @@ def fill(store, args: argparse.Namespace, report: Report) -> tuple[list, object]
                 job = job_row(store, "correlations", model, dataset, other)
                 write(store, NeuronCorrelation, correlation_columns(rng, model, other, dataset, n, universal), job,
                       writers["neuron_correlations"], first and other.id == models[1].id)
+        write(store, NeuronLabel, label_columns(rng, model, dataset, n), job_row(store, "labels", model, dataset),
+              writers["neuron_labels"], first)
+        with timed() as elapsed, store.transaction() as session:  # what the correlations job does per pass
+            refresh_universality(session, [model.id], dataset.id)
+        refresh_seconds += elapsed()
         print(f"filled {model.name}: {time.perf_counter() - start:,.0f} s so far", flush=True)
     with store.engine.connect() as connection:
         connection.exec_driver_sql("ANALYZE")
-    print(f"atlas filled in {time.perf_counter() - start:,.0f} s: {args.seeds} models x {n:,} neurons")
+    print(f"atlas filled in {time.perf_counter() - start:,.0f} s: {args.seeds} models x {n:,} neurons; the "
+          f"universality summary of a model rebuilt in {refresh_seconds / len(models):.1f} s on average")
     for name, times in writers.items():
         ratio = (times.rows / times.seconds) / (times.raw_rows / times.raw_seconds)
         print(f"writer {name}: {times.rows / times.seconds:,.0f} rows/s; raw binary COPY "

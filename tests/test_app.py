@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from app import charts
 from atlas.errors import AtlasError
-from atlas.read import queries
+from atlas.read import queries, roles
 from atlas.store.sql_check import QUERY_KINDS, SqlRefused, check_query
 from atlas.store import Store
 
@@ -348,3 +348,46 @@ def test_compare_seeds_states_its_threshold(filled_db_url: str, monkeypatch) -> 
     app.slider[0].set_value(0.1).run()
     assert not app.exception
     assert any("excess correlation > **0.1**" in markdown.value for markdown in app.markdown)
+
+
+def _an_entropy_candidate(url: str) -> tuple[str, int, int]:
+    store = Store(url)
+    with store.engine.connect() as connection:
+        model, layer, neuron = connection.execute(text(
+            "SELECT m.name, e.layer, e.neuron FROM entropy_interventions e JOIN models m ON m.id = e.model_id "
+            "ORDER BY m.name, e.layer, e.neuron LIMIT 1")).one()
+    store.dispose()
+    return model, int(layer), int(neuron)
+
+
+def test_card_shows_the_functional_roles(filled_db_url: str, monkeypatch) -> None:
+    model, layer, neuron = _an_entropy_candidate(filled_db_url)
+    app = _app(filled_db_url, monkeypatch, model=model, layer=str(layer), neuron=str(neuron))
+    app = _open(app, "app_pages/card.py")
+    text_shown = " ".join(markdown.value for markdown in app.markdown)
+    assert "Labels: the token features" in text_shown and "Entropy intervention" in text_shown
+    assert [header.value for header in app.subheader].count("Functional roles") == 1
+    store = Store(filled_db_url)
+    labels = roles.neuron_labels(store.engine, model, layer, neuron)
+    store.dispose()
+    assert any(len(frame.value) == len(labels) and "feature" in frame.value for frame in app.dataframe)
+
+
+def test_families_filter_by_label(filled_db_url: str, monkeypatch) -> None:
+    app = _open(_app(filled_db_url, monkeypatch), "app_pages/families.py")
+    everything = len(app.dataframe[-1].value)
+    label = app.selectbox(key="families_label")
+    choice = label.options[1]  # the most frequent rank-0 vocabulary label, "feature (n)"
+    feature, count = choice.rsplit(" (", 1)
+    label.set_value(choice).run()
+    assert not app.exception
+    listed = app.dataframe[-1].value
+    assert len(listed) == int(count.rstrip(")")) <= everything
+    assert set(listed["vocab_label"]) == {feature}
+    assert any("by label" in header.value for header in app.subheader)
+
+
+def test_layers_page_counts_roles_by_depth(filled_db_url: str, monkeypatch) -> None:
+    app = _open(_app(filled_db_url, monkeypatch), "app_pages/layers.py")
+    assert any("Entropy and attention-deactivating neurons" in header.value for header in app.subheader)
+    assert not app.info  # null-space fractions are there: no guidance box
