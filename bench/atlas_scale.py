@@ -51,6 +51,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=20, help="top examples per neuron")
     parser.add_argument("--universal", type=float, default=0.03, help="share of universal neurons")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--time-only", action="store_true",
+                        help="time the pages, card and queries of an atlas kept by an earlier --keep run (same "
+                             "--name and sizes), without filling it again (no writer figures)")
     return parser.parse_args()
 
 
@@ -93,6 +96,25 @@ def fresh_database(admin_url: str, name: str) -> str:
         connection.execute(text(f"CREATE DATABASE {name}"))
     engine.dispose()
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def kept_database(admin_url: str, name: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def kept_models(store) -> list:
+    from sqlalchemy import select
+
+    from atlas.store.schema import Model
+
+    with store.session() as session:
+        models = session.scalars(select(Model).order_by(Model.seed)).all()
+        session.expunge_all()
+    if not models:
+        raise SystemExit(f"{store.display_url} holds no atlas: run without --time-only first (with --keep)")
+    return list(models)
 
 
 def drop_database(admin_url: str, name: str) -> None:
@@ -395,12 +417,16 @@ def main() -> None:
     args = parse_args()
     from atlas.store import Store
 
-    url = fresh_database(args.admin_url, args.name)
     report = Report()
+    if args.time_only:
+        url = kept_database(args.admin_url, args.name)
+        args.keep = True
+    else:
+        url = fresh_database(args.admin_url, args.name)
     try:
         store = Store(url, check=False)
         store.upgrade()
-        models, _ = fill(store, args, report)
+        models = kept_models(store) if args.time_only else fill(store, args, report)[0]
         time_queries(store, report)
         time_card(store, models, args, report)
         time_pages(url, report)
