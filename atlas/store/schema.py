@@ -450,6 +450,67 @@ class HeadDeactivation(Base):
     job_id: Mapped[Optional[int]] = _job_fk()
 
 
+# --- stages of inference: case studies ------------------------------------------------------------
+
+
+class ProbeRun(Base):
+    """A prediction-ensembling study: balanced positions whose next token has / has not a token feature,
+    split into train and test (seeded), probes on the strongest prediction and suppression neurons."""
+
+    __tablename__ = "probe_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    feature: Mapped[str] = mapped_column(String(50))
+    n_train: Mapped[int]
+    n_test: Mapped[int]
+    split_seed: Mapped[int]
+    min_context: Mapped[int]
+    model_accuracy: Mapped[float] = mapped_column(Float)  # the model itself: P(next token has f) > 1/2
+    job_id: Mapped[Optional[int]] = _job_fk()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+
+    __table_args__ = (UniqueConstraint("model_id", "dataset_id", "feature"),)
+
+
+class ProbeResult(Base):
+    """One probe of a run: on one neuron (kind 'individual', rank = the neuron's rank by |score|) or on the
+    top k neurons by individual test accuracy (kind 'topk', rank = k - 1, layer/neuron = the k-th added)."""
+
+    __tablename__ = "probe_results"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("probe_runs.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10), primary_key=True)  # 'individual' | 'topk'
+    rank: Mapped[int] = mapped_column(primary_key=True)
+    layer: Mapped[int]
+    neuron: Mapped[int]
+    vocab_class: Mapped[str] = mapped_column(String(20))  # 'prediction' | 'suppression'
+    score: Mapped[float] = mapped_column(Float)  # mean W_U . w_out over f-tokens minus over the others
+    accuracy: Mapped[float] = mapped_column(Float)  # on the test split
+    train_accuracy: Mapped[float] = mapped_column(Float)
+
+
+class HeadStat(Base):
+    """Per attention head: the subjoiner score (attention from a word's continuation to the earlier tokens of
+    the same word, minus the same-length baseline at word starts), and attention to position 0 and to the
+    previous token."""
+
+    __tablename__ = "head_stats"
+
+    model_id: Mapped[int] = _model_fk()
+    dataset_id: Mapped[int] = _dataset_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    head: Mapped[int] = mapped_column(primary_key=True)
+    subjoiner: Mapped[Optional[float]] = mapped_column(Float)  # NULL: no continuation or no baseline position
+    subjoiner_attn: Mapped[Optional[float]] = mapped_column(Float)
+    subjoiner_baseline: Mapped[Optional[float]] = mapped_column(Float)
+    n_continuations: Mapped[int]
+    attn_first: Mapped[float] = mapped_column(Float)
+    attn_prev: Mapped[float] = mapped_column(Float)
+    job_id: Mapped[Optional[int]] = _job_fk()
+
+
 # --- seed-family training ------------------------------------------------------------------------
 
 

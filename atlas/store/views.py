@@ -95,6 +95,22 @@ WHERE u.step IS NOT NULL
 GROUP BY u.family, u.step, u.dataset, u.dataset_id
 """
 
+# The Stages-of-Inference profile (Lad, Gurnee, Tegmark 2024, Figure 1): per model, dataset and layer the
+# curves of the four stages, with the heads' subjoiner scores and attention to the first position.
+STAGE_PROFILE = f"""
+CREATE VIEW stage_profile AS
+WITH heads AS (
+    SELECT model_id, dataset_id, layer, MAX(subjoiner) AS max_subjoiner, AVG(attn_first) AS mean_attn_first,
+           AVG(attn_prev) AS mean_attn_prev
+    FROM head_stats GROUP BY model_id, dataset_id, layer
+)
+SELECT p.family, p.seed, p.step, p.model, p.model_id, p.dataset, p.dataset_id, p.layer, p.rel_depth,
+       p.delete_kl, p.attn_prev5, p.n_prediction, p.n_suppression, p.lens_kl, p.lens_entropy_nats,
+       p.mlp_out_norm, p.attn_out_norm, h.max_subjoiner, h.mean_attn_first, h.mean_attn_prev
+FROM layer_profile p
+LEFT JOIN heads h ON h.model_id = p.model_id AND h.dataset_id = p.dataset_id AND h.layer = p.layer
+"""
+
 # Creation order respects dependencies (neuron_atlas and universality_by_step read universal_neurons);
 # drop in reverse.
 VIEWS: dict[str, str] = {
@@ -102,6 +118,7 @@ VIEWS: dict[str, str] = {
     "neuron_atlas": NEURON_ATLAS,
     "layer_profile": LAYER_PROFILE,
     "universality_by_step": UNIVERSALITY_BY_STEP,
+    "stage_profile": STAGE_PROFILE,
 }
 
 
