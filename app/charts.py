@@ -229,3 +229,99 @@ def role_counts_by_layer(frame: pd.DataFrame) -> alt.Chart:
         .facet(facet=alt.Facet("role:N", title=None), columns=2)
         .resolve_scale(y="independent")
     )
+
+
+# --- the four-stage profile (Stages of Inference, Figure 1) and the heads' statistics ------------
+
+STAGE_METRICS: dict[str, str] = {
+    "delete_kl": "Deletion KL (nats)",
+    "attn_prev5": "Attention to previous 5 tokens",
+    "n_prediction": "Prediction neurons",
+    "n_suppression": "Suppression neurons",
+    "lens_kl": "Logit-lens KL to final (nats)",
+    "lens_entropy_nats": "Logit-lens entropy (nats)",
+    "mlp_out_norm": "MLP output norm",
+    "attn_out_norm": "Attention output norm",
+}
+HEAD_METRICS: dict[str, str] = {
+    "subjoiner": "Subjoiner score",
+    "attn_first": "Attention to the first position",
+    "attn_prev": "Attention to the previous token",
+}
+
+
+def _stage_facets(frame: pd.DataFrame, keys: list[str], color: alt.Color, detail: str | None) -> alt.Chart:
+    present = [column for column in STAGE_METRICS if column in frame and frame[column].notna().any()]
+    long = frame.melt(id_vars=keys, value_vars=present, var_name="metric", value_name="value").dropna(
+        subset=["value"])
+    long["metric"] = long["metric"].map(STAGE_METRICS)
+    encoding = dict(
+        x=alt.X("rel_depth:Q", title="relative depth", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("value:Q", title=None),
+        color=color,
+        tooltip=["model", "layer", "metric", alt.Tooltip("value:Q", format=".4g")],
+    )
+    if detail is not None:
+        encoding["detail"] = f"{detail}:N"
+    return (
+        alt.Chart(long)
+        .mark_line(point=True)
+        .encode(**encoding)
+        .properties(width=230, height=150)
+        .facet(facet=alt.Facet("metric:N", title=None, sort=[STAGE_METRICS[c] for c in present]), columns=4)
+        .resolve_scale(y="independent")
+    )
+
+
+def stage_profile(frame: pd.DataFrame) -> alt.Chart:
+    """The four-stage profile of a family (stage_profile view): one facet per curve of the paper's Figure 1
+    against relative depth, one line per model (seed or checkpoint), coloured by seed."""
+    return _stage_facets(frame, ["seed", "model", "layer", "rel_depth"], _seed_color(), detail="model")
+
+
+def stage_profile_overlay(frame: pd.DataFrame) -> alt.Chart:
+    """Several models or families on one relative-depth axis (stages.stage_profile_models): one colour per
+    model or family asked for, one line per model."""
+    return _stage_facets(frame, ["group", "model", "layer", "rel_depth"], alt.Color("group:N", title=None),
+                         detail="model")
+
+
+def head_stats_by_layer(frame: pd.DataFrame) -> alt.Chart:
+    """Every head as a point per layer: its subjoiner score and its attention to the first / previous token."""
+    present = [column for column in HEAD_METRICS if frame[column].notna().any()]
+    long = frame.melt(id_vars=["seed", "model", "layer", "head"], value_vars=present, var_name="metric",
+                      value_name="value").dropna(subset=["value"])
+    long["metric"] = long["metric"].map(HEAD_METRICS)
+    return (
+        alt.Chart(long)
+        .mark_circle(size=40, opacity=0.7)
+        .encode(
+            x=alt.X("layer:O", title="layer"),
+            y=alt.Y("value:Q", title=None),
+            color=_seed_color(),
+            xOffset="seed:N",
+            tooltip=["model", "layer", "head", "metric", alt.Tooltip("value:Q", format=".4g")],
+        )
+        .properties(width=300, height=180)
+        .facet(facet=alt.Facet("metric:N", title=None, sort=[HEAD_METRICS[c] for c in present]), columns=3)
+        .resolve_scale(y="independent")
+    )
+
+
+def ensembling_chart(results: pd.DataFrame, model_accuracy: float) -> alt.LayerChart:
+    """Individual probes as points (coloured by class) at their rank by test accuracy, the top-k line against k,
+    the model's own accuracy as a dashed rule."""
+    individual = results[results["kind"] == "individual"].sort_values("accuracy", ascending=False, kind="stable")
+    individual = individual.assign(k=range(1, len(individual) + 1))
+    topk = results[results["kind"] == "topk"].assign(k=lambda f: f["rank"] + 1)
+    x = alt.X("k:Q", title="rank by individual accuracy / k neurons", scale=alt.Scale(domainMin=1))
+    y = alt.Y("accuracy:Q", title="test accuracy", scale=alt.Scale(zero=False))
+    points = alt.Chart(individual).mark_point(filled=True, size=60).encode(
+        x=x, y=y, color=alt.Color("vocab_class:N", title="single neuron", scale=CLASS_COLORS),
+        tooltip=["layer", "neuron", "vocab_class", alt.Tooltip("score:Q", format=".3g"),
+                 alt.Tooltip("accuracy:Q", format=".3f")])
+    line = alt.Chart(topk.assign(probe="top-k neurons")).mark_line(point=True, color="black").encode(
+        x=x, y=y, tooltip=["k", "layer", "neuron", alt.Tooltip("accuracy:Q", format=".3f")])
+    rule = alt.Chart(pd.DataFrame({"accuracy": [model_accuracy], "label": ["model"]})).mark_rule(
+        strokeDash=[6, 4], color="gray").encode(y="accuracy:Q", tooltip=[alt.Tooltip("accuracy:Q", format=".3f")])
+    return alt.layer(points, line, rule).properties(height=360)

@@ -17,6 +17,8 @@ NEXT_COMMANDS: dict[str, str] = {
     "labels": "atlas ingest labels --family {family} --dataset {dataset}",
     "entropy": "atlas ingest entropy --family {family} --dataset {dataset}",
     "attention-roles": "atlas ingest attention-roles --family {family} --dataset {dataset}",
+    "heads": "atlas ingest heads --family {family} --dataset {dataset}",
+    "ensembling": "atlas study ensembling --family {family} --dataset {dataset} --feature ends_with_ing",
     "train": "atlas train-seeds --family {family} --seeds 0 1 2 --dataset {dataset}",
 }
 

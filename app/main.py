@@ -28,6 +28,7 @@ PAGES = [
     st.Page(PAGES_DIR / "card.py", title="Neuron card", icon=":material/badge:", url_path="card"),
     st.Page(PAGES_DIR / "compare.py", title="Compare seeds", icon=":material/compare:", url_path="compare"),
     st.Page(PAGES_DIR / "layers.py", title="Layers", icon=":material/stacked_line_chart:", url_path="layers"),
+    st.Page(PAGES_DIR / "studies.py", title="Studies", icon=":material/science:", url_path="studies"),
 ]
 
 

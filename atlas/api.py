@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from atlas.errors import AtlasError
-from atlas.read import queries, roles
+from atlas.read import queries, roles, stages
 from atlas.read.card import NeuronCard, load_card
 from atlas.store import Store, read_only, resolve_url
 
@@ -97,6 +97,23 @@ class Atlas:
         self._check(dataset=dataset)
         return queries.layer_profile(self.engine, model_or_family, dataset)
 
+    def stages(self, model_or_family: str, dataset: str | None = None) -> pd.DataFrame:
+        """The stage_profile view (the four-stage profile of Stages of Inference, Figure 1): one row per model,
+        dataset and layer, with the heads' max subjoiner score and mean attention to the first / previous token."""
+        self._check_model_or_family(model_or_family, dataset)
+        return stages.stage_profile(self.engine, model_or_family, dataset)
+
+    def heads(self, model_or_family: str, dataset: str | None = None) -> pd.DataFrame:
+        """head_stats: per attention head, the subjoiner score and attention to the first / previous token."""
+        self._check_model_or_family(model_or_family, dataset)
+        return stages.head_stats(self.engine, model_or_family, dataset)
+
+    def _check_model_or_family(self, model_or_family: str, dataset: str | None) -> None:
+        names = self._names()
+        if model_or_family not in names["model"] | names["family"]:
+            raise AtlasError(f"no model or family named {model_or_family!r}: families {_listed(names['family'])}")
+        self._check(dataset=dataset)
+
     def card(self, model: str, layer: int, neuron: int, dataset: str | None = None, examples: int = 10) -> NeuronCard:
         """One neuron's card: Jupyter draws it; its attributes hold the DataFrames."""
         self._check(model=model, dataset=dataset)
@@ -130,6 +147,15 @@ class Atlas:
         """Attention deactivation: each neuron's top later heads by |z|, with the path ablation where it ran."""
         self._check(family=family, model=model)
         return roles.head_scores(self.engine, family=family, model=model, max_z=max_z, limit=limit)
+
+    def probes(self, model: str | None = None, feature: str | None = None) -> pd.DataFrame:
+        """Prediction-ensembling runs (`atlas study ensembling`): per (model, dataset, feature) the split, the
+        model's own test accuracy, the best single-neuron probe and the top-k probe on all probed neurons.
+        The probes of a run: atlas.read.probes.probe_results(atlas.engine, run_id)."""
+        from atlas.read import probes
+
+        self._check(model=model)
+        return probes.probe_runs(self.engine, model=model, feature=feature)
 
     # --- SQL -------------------------------------------------------------------------------------
 

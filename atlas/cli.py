@@ -305,14 +305,15 @@ class JobArguments(Generic[C]):
     db: Annotated[Optional[str], tyro.conf.arg(help=DB_HELP, metavar="URL", help_behavior_hint="")] = None
 
 
-def add_job_command(jobs_app: typer.Typer, name: str, config_cls: type, run: Callable[[Any, Any], None]) -> None:
-    """`atlas ingest NAME`: typer passes the raw arguments (--help included) on to tyro."""
+def add_job_command(jobs_app: typer.Typer, name: str, config_cls: type, run: Callable[[Any, Any], None],
+                    group: str = "ingest") -> None:
+    """`atlas GROUP NAME`: typer passes the raw arguments (--help included) on to tyro."""
     description = inspect.cleandoc(config_cls.__doc__ or "")
 
     @jobs_app.command(name, help=" ".join(description.split()), add_help_option=False,
                       context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def command(ctx: typer.Context) -> None:
-        arguments = tyro.cli(JobArguments[config_cls], args=ctx.args, prog=f"atlas ingest {name}",
+        arguments = tyro.cli(JobArguments[config_cls], args=ctx.args, prog=f"atlas {group} {name}",
                              description=description)
         run(arguments.config, open_store(arguments.db))
 
@@ -324,6 +325,33 @@ def _jobs_app() -> typer.Typer:
     for name, (config_cls, run) in JOBS.items():
         add_job_command(jobs_app, name, config_cls, run)
     return jobs_app
+
+
+class StudyGroup(TyperGroup):
+    """`atlas study`: the studies (and torch) are imported when the group's commands are first looked at."""
+
+    _studies_loaded = False
+
+    @property
+    def commands(self) -> dict[str, click.Command]:
+        if not self._studies_loaded:
+            self._studies_loaded = True
+            from ingest.studies import STUDIES
+
+            studies_app = typer.Typer()
+            for name, (config_cls, run) in STUDIES.items():
+                add_job_command(studies_app, name, config_cls, run, group="study")
+            self._commands.update(typer.main.get_group(studies_app).commands)
+        return self._commands
+
+    @commands.setter
+    def commands(self, value: dict[str, click.Command]) -> None:
+        self._commands = value
+
+
+study_app = typer.Typer(cls=StudyGroup, help="Case studies that compute results into the database (like the "
+                        "ingest jobs, through the jobs ledger).", no_args_is_help=True)
+app.add_typer(study_app, name="study")
 
 
 # --- seed families and the demo ------------------------------------------------------------------
@@ -506,6 +534,27 @@ def _check_export_options(source: str, neuronpedia: bool, model: str | None, dat
                          "neuronpedia --model NAME --out DIR")
     if not neuronpedia and (model is not None or dataset is not None):
         raise AtlasError("--model and --dataset go with --format neuronpedia; filter a table with a SELECT instead")
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+@app.command("report")
+def report(
+    family: str = typer.Option(..., "--family", help="The family (its seeds) whose figures are written."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="The dataset of the layer and correlation "
+                                                                  "results (default: the family's only one)."),
+    out_dir: str = typer.Option(..., "--out", help="The folder to write into (created if missing)."),
+    fmt: str = typer.Option("both", "--format", help="png, html or both."),
+    db: Optional[str] = DbOption,
+) -> None:
+    """Write a family's figures for a paper or a notebook: the four-stage profile (Stages of Inference, Figure
+    1) and the universal-neuron figures (class counts by depth, universal fraction by layer, max-correlation
+    histograms), as PNG and/or HTML, each with a CSV of its numbers."""
+    from app.report import write_report
+
+    for path in write_report(open_store(db).engine, family, dataset, out_dir, fmt):
+        out.print(str(path), highlight=False, soft_wrap=True)
 
 
 # --- app -----------------------------------------------------------------------------------------

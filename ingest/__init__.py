@@ -12,6 +12,7 @@ from ingest import activations, correlations, interventions, lens, weights
 from ingest import labels
 from ingest import entropy
 from ingest import attention_roles
+from ingest import heads
 
 JOBS: dict[str, tuple[type, Callable[[Any, Any], None]]] = {
     "weights": (weights.WeightsConfig, weights.run),
@@ -22,4 +23,5 @@ JOBS: dict[str, tuple[type, Callable[[Any, Any], None]]] = {
     "entropy": (entropy.EntropyConfig, entropy.run),
     "labels": (labels.LabelsConfig, labels.run),
     "attention-roles": (attention_roles.AttentionRolesConfig, attention_roles.run),
+    "heads": (heads.HeadsConfig, heads.run),
 }

@@ -1,9 +1,10 @@
 """The one-command demo: a seed family trained on builtin:docstrings, every ingest job, a summary.
 
 Steps: register the text as dataset `docs`; train (or reuse) one GPT-2 per seed; register the
-family's held-out documents as the analysis dataset (text no seed trained on); run the weights,
-activations, correlations, interventions and lens jobs through their run(config, store); print a
-summary read back from the database (SQL over the views), and the command that opens the app.
+family's held-out documents as the analysis dataset (text no seed trained on); run every ingest job
+(weights, activations, correlations, interventions, lens, labels, entropy, attention roles, heads) and
+the prediction-ensembling study through their run(config, store); print a summary and the functional
+roles read back from the database (SQL over the views), and the command that opens the app.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class DemoConfig:
     entropy_tokens: int = 5_000            # the first of them for the entropy interventions: each candidate
                                            # reruns its last layers and the unembedding for 10 values
                                            # (measured: 20,000 tokens took 142 s, the budget's largest stage)
+    probe_feature: str = "ends_with_ing"   # the prediction-ensembling study's feature (the paper's)
     universal_threshold: float = 0.5       # the paper's; stored with the correlations
     report_threshold: float = 0.3          # a lower bar the summary also counts, named as such
     out: str = "atlas-models"
@@ -121,11 +123,22 @@ def run(config: DemoConfig, store: Store, console: Console | None = None) -> dic
         ctx_len=config.train.ctx))
     for name, (job_config, job_run) in analysis_jobs(config).items():
         stage(name, lambda job_config=job_config, job_run=job_run: job_run(job_config, store))
+    stage("ensembling", lambda: ensembling_study(config, store))
     stage("null reference", lambda: null_reference(config, seeds_config, store))
     print_summary(store, config, console)
     print_roles(store, config, console)
     print_timings(seconds)
     return seconds
+
+
+def ensembling_study(config: DemoConfig, store: Store) -> None:
+    """The prediction-ensembling study for the feature `config.probe_feature`. No demo neuron passes the
+    prediction/suppression kurtosis threshold, so every neuron of the second half competes (--neuron-pool all)."""
+    from ingest.ensembling import EnsemblingConfig
+    from ingest.ensembling import run as run_ensembling
+
+    run_ensembling(EnsemblingConfig(family=config.family, dataset=config.analysis_dataset,
+                                    feature=config.probe_feature, neuron_pool="all"), store)
 
 
 def null_reference(config: DemoConfig, seeds_config: TrainSeedsConfig, store: Store) -> None:
@@ -167,6 +180,7 @@ def analysis_jobs(config: DemoConfig) -> dict[str, tuple[Any, Callable[[Any, Sto
         "labels": on_data,
         "entropy": {**on_data, "tokens": min(config.entropy_tokens, config.layer_tokens)},
         "attention-roles": on_layers,
+        "heads": on_layers,
     }
     missing = [name for name in options if name not in JOBS]
     if missing:

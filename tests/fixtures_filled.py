@@ -22,6 +22,8 @@ from ingest.attention_roles import AttentionRolesConfig
 from ingest.attention_roles import run as run_attention_roles
 from ingest.entropy import EntropyConfig
 from ingest.entropy import run as run_entropy
+from ingest.heads import HeadsConfig
+from ingest.heads import run as run_heads
 from ingest.labels import LabelsConfig
 from ingest.labels import run as run_labels
 from ingest.lens import LensConfig
@@ -48,6 +50,7 @@ def fill(url: str, model_dirs, docs_file) -> None:
     run_labels(LabelsConfig(**target, **data), store)
     run_entropy(EntropyConfig(**target, **data, tokens=1000), store)
     run_attention_roles(AttentionRolesConfig(**target, **data), store)
+    run_heads(HeadsConfig(**target, **data), store)
     store.dispose()
 
 

@@ -24,6 +24,7 @@ PAGES = {
     "app_pages/card.py": "Neuron card",
     "app_pages/compare.py": "Compare seeds",
     "app_pages/layers.py": "Layers",
+    "app_pages/studies.py": "Studies",
 }
 TIMEOUT_S = 60
 

@@ -130,7 +130,7 @@ def test_train_seeds_command(tmp_path, text_file):
 
 
 MINI_DEMO = DemoConfig(family="mini", dataset="text", train=MINI_TRAIN, vocab_size=400,
-                       analysis_tokens=1500, layer_tokens=1000)
+                       analysis_tokens=1500, layer_tokens=1000, probe_feature="leading_space")
 
 
 @pytest.mark.slow
@@ -158,7 +158,7 @@ def test_miniature_demo_fills_every_table_and_summarises_from_the_database(db_ur
     assert counts.pop("neuron_token_sets") == classed
     assert all(n > 0 for n in counts.values()), counts
     assert {kind for kind, _ in jobs} == {"weights", "activations", "correlations", "interventions", "lens", "labels",
-                                          "entropy", "attention-roles"}
+                                          "entropy", "attention-roles", "heads", "ensembling"}
     assert {status for _, status in jobs} == {"done"}
 
     rows = summary_rows(store, config)

@@ -21,7 +21,8 @@ def render() -> None:
         return
     family = st.selectbox("Family", families["family"])
     seeds_frame = queries.models(engine, family)
-    if queries.class_counts_by_depth(engine, family).empty:
+    class_counts = queries.class_counts_by_depth(engine, family)
+    if class_counts.empty:
         guidance.show_missing(f"No weight statistics for {family} yet", "weights", family=family)
         return
     n_layers = int(seeds_frame["n_layers"].max())
@@ -52,7 +53,7 @@ def render() -> None:
     chosen = queries.NeuronFilter(family, seeds, layers, classes, dataset, threshold if universal_only else None,
                                   label)
     total = queries.family_neuron_count(engine, chosen)
-    _show_charts(engine, family, chosen, total, dataset, threshold)
+    _show_charts(engine, family, chosen, total, dataset, threshold, class_counts)
     _show_labels(engine, family, label)
     _show_neuron_list(queries.family_neurons(engine, chosen, limit=SHOWN_NEURONS), total, threshold)
 
@@ -81,7 +82,8 @@ def _show_labels(engine, family: str, label: tuple[str, str] | None) -> None:
     st.altair_chart(charts.label_counts(counts))
 
 
-def _show_charts(engine, family: str, chosen, total: int, dataset: str | None, threshold: float | None) -> None:
+def _show_charts(engine, family: str, chosen, total: int, dataset: str | None, threshold: float | None,
+                 class_counts) -> None:
     st.subheader("Vocabulary skew against kurtosis")
     plotted = queries.family_neuron_sample(engine, chosen, total, size=charts.MAX_SCATTER_POINTS)
     plotted = plotted.dropna(subset=["vocab_skew", "vocab_kurt"])
@@ -93,7 +95,7 @@ def _show_charts(engine, family: str, chosen, total: int, dataset: str | None, t
         st.altair_chart(charts.vocab_skew_kurtosis(plotted))
 
     st.subheader("Prediction and suppression neurons by depth (one line per seed)")
-    st.altair_chart(charts.class_counts_by_depth(queries.class_counts_by_depth(engine, family)))
+    st.altair_chart(charts.class_counts_by_depth(class_counts))
 
     if dataset is not None and threshold is not None:
         st.subheader(f"Fraction of neurons with excess correlation > {threshold:g}, by layer")

@@ -1,11 +1,12 @@
-"""Layers: the Stages-of-Inference Figure 1 from the layer_profile view, seeds overlaid."""
+"""Layers: the four-stage profile (Stages of Inference, Figure 1) first, seeds overlaid, then the heads'
+statistics per layer, every layer measurement (layer_profile) and the functional roles by depth."""
 
 from __future__ import annotations
 
 import streamlit as st
 
 from app import charts, connection, guidance
-from atlas.read import queries, roles
+from atlas.read import queries, roles, stages
 
 
 def render() -> None:
@@ -23,17 +24,52 @@ def render() -> None:
     left, right = st.columns(2)
     family = left.selectbox("Family", families)
     dataset = right.selectbox("Dataset", queries.layer_profile_datasets(engine, family))
-    profile = queries.layer_profile(engine, family, dataset)
-    st.caption("Each panel against relative depth (layer / (n_layers - 1)); one line per seed. "
-               "Deletion and swap rows need `interventions`, the lens rows `lens`.")
-    st.altair_chart(charts.layer_profile(profile))
+    _show_stage_profile(engine, family, dataset)
+    _show_head_stats(engine, family, dataset)
+    _show_layer_profile(engine, family, dataset)
+    _show_role_counts(engine, family)
+
+
+def _show_stage_profile(engine, family: str, dataset: str) -> None:
+    st.subheader("The four-stage profile")
+    profile = stages.stage_profile(engine, family, dataset)
+    st.caption("The curves of the Stages-of-Inference paper's Figure 1 against relative depth "
+               "(layer / (n_layers - 1)); one line per seed. Deletion KL needs `interventions`, the lens curves "
+               "`lens` (with attention and output norms), the neuron counts `weights`.")
+    st.altair_chart(charts.stage_profile(profile))
     missing = [(column, step) for column, step in (("delete_kl", "interventions"), ("lens_kl", "lens"))
                if profile[column].isna().all()]
     for column, step in missing:
         guidance.show_missing(f"No {step} results for {family} on {dataset} yet", step, family=family, dataset=dataset)
+    with st.expander("Numbers of the profile"):
+        st.dataframe(profile, hide_index=True)
+    chosen = st.multiselect("Overlay models or families on one relative-depth axis",
+                            stages.stage_profile_names(engine, dataset), placeholder="Choose models or families")
+    if chosen:
+        st.altair_chart(charts.stage_profile_overlay(stages.stage_profile_models(engine, chosen, dataset)))
+
+
+def _show_head_stats(engine, family: str, dataset: str) -> None:
+    st.subheader("Attention heads per layer")
+    heads = stages.head_stats(engine, family, dataset)
+    if heads.empty:
+        # A caption, not an info box: the page's main content is there; only this section waits for a job.
+        st.caption(f"No head statistics for {family} on {dataset} yet. Run:")
+        st.code(guidance.next_command("heads", family, dataset), language="bash")
+        return
+    st.caption("Each point is a head. Subjoiner score: attention from a token that continues a word to the "
+               "earlier tokens of that word, minus the same-length baseline at word starts.")
+    st.altair_chart(charts.head_stats_by_layer(heads))
+
+
+def _show_layer_profile(engine, family: str, dataset: str) -> None:
+    st.subheader("Every layer measurement")
+    profile = queries.layer_profile(engine, family, dataset)
+    st.caption("Each panel against relative depth (layer / (n_layers - 1)); one line per seed. "
+               "Deletion and swap rows need `interventions`, the lens rows `lens`.")
+    st.altair_chart(charts.layer_profile(profile))
     with st.expander("Numbers"):
         st.dataframe(profile, hide_index=True)
-    _show_role_counts(engine, family)
 
 
 def _show_role_counts(engine, family: str) -> None:

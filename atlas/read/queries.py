@@ -261,27 +261,34 @@ class NeuronFilter:
     universal_threshold: float | None = None
     label: tuple[str, str] | None = None
 
-    def sql(self) -> tuple[str, dict[str, Any]]:
-        """FROM ... WHERE ... over neurons n, models m, the summary u (for the dataset) and the vocab label lv."""
+    def sql(self, with_label: bool = True, extra: str = "") -> tuple[str, dict[str, Any]]:
+        """FROM ... WHERE ... over neurons n, models m, the summary u (for the dataset) and, with_label, the rank-0
+        vocabulary label lv (a count needs no label column); `extra` is ANDed to the conditions."""
         universal = "AND u.excess_corr > :threshold" if self.universal_threshold is not None else ""
         labelled = """AND EXISTS (SELECT 1 FROM neuron_labels f WHERE f.model_id = n.model_id AND f.layer = n.layer
                            AND f.neuron = n.neuron AND f.source = :label_source AND f.feature = :label_feature
                            AND f.rank = 0)""" if self.label is not None else ""
         label_source, label_feature = self.label if self.label is not None else (None, None)
+        label_join = """LEFT JOIN neuron_labels lv
+                 ON lv.model_id = n.model_id AND lv.layer = n.layer AND lv.neuron = n.neuron
+                    AND lv.source = 'vocab' AND lv.rank = 0""" if with_label else ""
         clause = f"""
             FROM neurons n
             JOIN models m ON m.id = n.model_id
             LEFT JOIN neuron_universality u
                  ON u.model_id = n.model_id AND u.layer = n.layer AND u.neuron = n.neuron
                     AND u.dataset_id = (SELECT d.id FROM datasets d WHERE d.name = :dataset)
-            LEFT JOIN neuron_labels lv
-                 ON lv.model_id = n.model_id AND lv.layer = n.layer AND lv.neuron = n.neuron
-                    AND lv.source = 'vocab' AND lv.rank = 0
+            {label_join}
             WHERE m.family = :family AND m.seed IN :seeds AND n.layer BETWEEN :lo AND :hi
-                  AND n.vocab_class IN :classes {universal} {labelled}"""
+                  AND n.vocab_class IN :classes {universal} {labelled} {extra}"""
         return clause, dict(family=self.family, seeds=list(self.seeds), lo=self.layers[0], hi=self.layers[1],
                             classes=list(self.classes), dataset=self.dataset, threshold=self.universal_threshold,
                             label_source=label_source, label_feature=label_feature)
+
+    @property
+    def everything(self) -> bool:
+        """Every neuron of the chosen seeds and layers: no class, universality or label condition."""
+        return set(self.classes) >= set(VOCAB_CLASSES) and self.universal_threshold is None and self.label is None
 
 
 _FAMILY_NEURON_COLUMNS = f"""
@@ -293,29 +300,58 @@ _FAMILY_EXPANDING = ("seeds", "classes")
 
 def family_neurons(engine: Engine, chosen: NeuronFilter, limit: int = 2000) -> pd.DataFrame:
     """The first `limit` chosen neurons with their vocabulary moments, rank-0 vocabulary label and (for the
-    dataset) excess correlation, the most universal first."""
-    clause, params = chosen.sql()
-    return _frame(engine, f"""
+    dataset) excess correlation: the most universal first, then those without a correlation.
+
+    Two reads, so that the first walks the summary's (dataset, excess) index from the top and stops at
+    `limit` rows instead of sorting every neuron of the family."""
+    clause, params = chosen.sql(extra="AND u.excess_corr IS NOT NULL")
+    ranked = _frame(engine, f"""
         SELECT {_FAMILY_NEURON_COLUMNS} {clause}
-        ORDER BY (u.excess_corr IS NULL), u.excess_corr DESC, m.seed, n.layer, n.neuron
-        LIMIT :limit""", _FAMILY_EXPANDING, **params, limit=limit)
+        ORDER BY u.excess_corr DESC, m.seed, n.layer, n.neuron LIMIT :limit""",
+        _FAMILY_EXPANDING, **params, limit=limit)
+    if len(ranked) >= limit:
+        return ranked
+    clause, params = chosen.sql(extra="AND u.excess_corr IS NULL")
+    rest = _frame(engine, f"""
+        SELECT {_FAMILY_NEURON_COLUMNS} {clause}
+        ORDER BY m.seed, n.layer, n.neuron LIMIT :limit""", _FAMILY_EXPANDING, **params, limit=limit - len(ranked))
+    return pd.concat([ranked, rest], ignore_index=True) if not ranked.empty else rest
 
 
 def family_neuron_count(engine: Engine, chosen: NeuronFilter) -> int:
-    clause, params = chosen.sql()
+    """How many neurons the filter chooses: from the registry when it chooses every neuron of the seeds and
+    layers (n_layers x d_mlp is exact and reads no neuron row), else counted."""
+    if chosen.everything:
+        frame = _frame(engine, """
+            SELECT m.n_layers, m.d_mlp FROM models m
+            WHERE m.family = :family AND m.seed IN :seeds AND EXISTS (SELECT 1 FROM neurons n WHERE n.model_id = m.id)""",
+            ("seeds",), family=chosen.family, seeds=list(chosen.seeds))
+        layers = (frame["n_layers"].clip(upper=chosen.layers[1] + 1) - chosen.layers[0]).clip(lower=0)
+        return int((layers * frame["d_mlp"]).sum())
+    clause, params = chosen.sql(with_label=False)
     return int(_scalar_expanding(engine, f"SELECT COUNT(*) {clause}", _FAMILY_EXPANDING, **params) or 0)
 
 
 def family_neuron_sample(engine: Engine, chosen: NeuronFilter, total: int, size: int = 5000) -> pd.DataFrame:
-    """At most `size` chosen neurons for a scatter plot: every classed one first, then a fixed sample of the
-    rest (every k-th by a hash of seed, layer and neuron, so a page shows the same points each time)."""
-    clause, params = chosen.sql()
-    every = max(1, -(-total // size))
-    return _frame(engine, f"""
+    """At most `size` chosen neurons for a scatter plot: every classed one first (the neurons table's partial
+    index on classed neurons), then the neurons of the 'none' class whose index is a multiple of k (index
+    probes; the same points on every visit), k chosen so that about `size` are read."""
+    clause, params = chosen.sql(extra="AND n.vocab_class <> 'none'")
+    classed = _frame(engine, f"""
         SELECT {_FAMILY_NEURON_COLUMNS} {clause}
-              AND (n.vocab_class <> 'none' OR (n.neuron * 7919 + n.layer * 104729 + m.seed * 1299709) % :every = 0)
-        ORDER BY (n.vocab_class = 'none'), m.seed, n.layer, n.neuron
-        LIMIT :size""", _FAMILY_EXPANDING, **params, every=every, size=size)
+        ORDER BY m.seed, n.layer, n.neuron LIMIT :size""", _FAMILY_EXPANDING, **params, size=size)
+    room = size - len(classed)
+    if room <= 0 or "none" not in chosen.classes:
+        return classed
+    every = max(1, -(-total // room))
+    d_mlp = int(_scalar(engine, "SELECT MAX(d_mlp) FROM models WHERE family = :family", family=chosen.family) or 0)
+    picked = list(range(0, d_mlp, every)) or [0]
+    clause, params = chosen.sql(extra="AND n.vocab_class = 'none' AND n.neuron IN :picked")
+    rest = _frame(engine, f"""
+        SELECT {_FAMILY_NEURON_COLUMNS} {clause}
+        ORDER BY m.seed, n.layer, n.neuron LIMIT :room""", (*_FAMILY_EXPANDING, "picked"), **params,
+        picked=picked, room=room)
+    return pd.concat([classed, rest], ignore_index=True) if not classed.empty else rest
 
 
 # The classes of atlas.metrics.weights.classify, in the order the pages show them.
@@ -328,28 +364,50 @@ def vocab_classes(engine: Engine, family: str) -> list[str]:
 
 
 def class_counts_by_depth(engine: Engine, family: str) -> pd.DataFrame:
-    """Prediction and suppression neurons per layer and seed (the universal-neurons paper's Figure 6)."""
-    return _frame(engine, f"""
-        SELECT m.seed, m.name AS model, n.layer, {REL_DEPTH.format(layer="n.layer")} AS rel_depth,
-               COUNT(*) AS n_neurons,
+    """Prediction and suppression neurons per layer and seed (the universal-neurons paper's Figure 6), for the
+    models with weight statistics. Only classed neurons are read (a partial index holds them); layers
+    without any come back as zeros, n_neurons is d_mlp."""
+    models = _frame(engine, """
+        SELECT m.id AS model_id, m.seed, m.name AS model, m.n_layers, m.d_mlp FROM models m
+        WHERE m.family = :family AND EXISTS (SELECT 1 FROM neurons n WHERE n.model_id = m.id)
+        ORDER BY m.seed, m.name""", family=family)
+    counts = _frame(engine, """
+        SELECT n.model_id, n.layer,
                SUM(CASE WHEN n.vocab_class = 'prediction' THEN 1 ELSE 0 END) AS n_prediction,
                SUM(CASE WHEN n.vocab_class = 'suppression' THEN 1 ELSE 0 END) AS n_suppression
         FROM neurons n JOIN models m ON m.id = n.model_id
-        WHERE m.family = :family
-        GROUP BY m.seed, m.name, n.layer, m.n_layers ORDER BY m.seed, n.layer""", family=family)
+        WHERE m.family = :family AND n.vocab_class <> 'none'
+        GROUP BY n.model_id, n.layer""", family=family)
+    grid = _layer_grid(models)
+    frame = grid.merge(counts, on=["model_id", "layer"], how="left").fillna({"n_prediction": 0, "n_suppression": 0})
+    frame[["n_prediction", "n_suppression"]] = frame[["n_prediction", "n_suppression"]].astype(int)
+    return frame[["seed", "model", "layer", "rel_depth", "n_neurons", "n_prediction", "n_suppression"]]
+
+
+def _layer_grid(models: pd.DataFrame) -> pd.DataFrame:
+    """One row per model and layer: model_id, seed, model, layer, rel_depth (as views.REL_DEPTH), n_neurons."""
+    rows = [(row.model_id, row.seed, row.model, layer, layer / (row.n_layers - 1) if row.n_layers > 1 else 0.0,
+             row.d_mlp) for row in models.itertuples() for layer in range(int(row.n_layers))]
+    return pd.DataFrame(rows, columns=["model_id", "seed", "model", "layer", "rel_depth", "n_neurons"])
 
 
 def universal_fraction_by_layer(engine: Engine, family: str, dataset: str, threshold: float) -> pd.DataFrame:
-    return _frame(engine, f"""
-        SELECT u.seed, u.model, u.layer, {REL_DEPTH.format(layer="u.layer")} AS rel_depth,
-               COUNT(*) AS n_neurons,
-               SUM(CASE WHEN u.excess_corr > :threshold THEN 1 ELSE 0 END) AS n_universal,
-               CAST(SUM(CASE WHEN u.excess_corr > :threshold THEN 1 ELSE 0 END) AS DOUBLE PRECISION) / COUNT(*)
-                   AS universal_fraction
-        FROM universal_neurons u JOIN models m ON m.id = u.model_id
-        WHERE u.family = :family AND u.dataset = :dataset
-        GROUP BY u.seed, u.model, u.layer, m.n_layers ORDER BY u.seed, u.layer""",
-        family=family, dataset=dataset, threshold=threshold)
+    """Per model and layer, the neurons whose excess correlation passes `threshold` and their share of the
+    layer. Only those neurons are read (the summary's (dataset, excess) index); layers without any are zeros."""
+    models = _frame(engine, f"""
+        SELECT m.id AS model_id, m.seed, m.name AS model, m.n_layers, m.d_mlp
+        FROM models m JOIN datasets d ON d.name = :dataset
+        WHERE m.family = :family AND {_HAS_CORRELATIONS} ORDER BY m.seed, m.name""", family=family, dataset=dataset)
+    counts = _frame(engine, """
+        SELECT u.model_id, u.layer, COUNT(*) AS n_universal
+        FROM neuron_universality u JOIN models m ON m.id = u.model_id
+        WHERE u.dataset_id = (SELECT d.id FROM datasets d WHERE d.name = :dataset) AND u.excess_corr > :threshold
+              AND m.family = :family
+        GROUP BY u.model_id, u.layer""", family=family, dataset=dataset, threshold=threshold)
+    frame = _layer_grid(models).merge(counts, on=["model_id", "layer"], how="left").fillna({"n_universal": 0})
+    frame["n_universal"] = frame["n_universal"].astype(int)
+    frame["universal_fraction"] = frame["n_universal"] / frame["n_neurons"]
+    return frame[["seed", "model", "layer", "rel_depth", "n_neurons", "n_universal", "universal_fraction"]]
 
 
 # --- neuron card ---------------------------------------------------------------------------------

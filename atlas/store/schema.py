@@ -177,6 +177,11 @@ class Neuron(Base):
     null_frac_random: Mapped[Optional[float]] = mapped_column(Float)
     job_id: Mapped[Optional[int]] = _job_fk()
 
+    # The few classed neurons (prediction, suppression, partition), for the Families page's counts and plots
+    # without reading every neuron.
+    __table_args__ = (Index("ix_neurons_classed", "model_id", "layer", "neuron",
+                            sqlite_where=text("vocab_class <> 'none'"), postgresql_where=text("vocab_class <> 'none'")),)
+
 
 class NeuronVocab(Base):
     __tablename__ = "neuron_vocab"
@@ -362,6 +367,11 @@ class NeuronLabel(Base):
         Index("uq_neuron_labels_unit", "model_id", text("coalesce(dataset_id, -1)"), "source", "layer", "neuron",
               "rank", unique=True),
         Index("ix_neuron_labels_feature", "feature", "source", "score"),
+        # A neuron's labels (the card, the Families join): the unique index above cannot serve it, its second
+        # column is an expression.
+        Index("ix_neuron_labels_neuron", "model_id", "layer", "neuron"),
+        # Counts of neurons per rank-0 label and source (the Families page), read from the index alone.
+        Index("ix_neuron_labels_source", "source", "rank", "model_id", "feature"),
     )
 
 
@@ -485,7 +495,7 @@ class ProbeResult(Base):
     rank: Mapped[int] = mapped_column(primary_key=True)
     layer: Mapped[int]
     neuron: Mapped[int]
-    vocab_class: Mapped[str] = mapped_column(String(20))  # 'prediction' | 'suppression'
+    vocab_class: Mapped[str] = mapped_column(String(20))  # the neuron's class: 'prediction' | 'suppression' (any with --neuron-pool all)
     score: Mapped[float] = mapped_column(Float)  # mean W_U . w_out over f-tokens minus over the others
     accuracy: Mapped[float] = mapped_column(Float)  # on the test split
     train_accuracy: Mapped[float] = mapped_column(Float)

@@ -97,7 +97,7 @@ GROUP BY u.family, u.step, u.dataset, u.dataset_id
 
 # The Stages-of-Inference profile (Lad, Gurnee, Tegmark 2024, Figure 1): per model, dataset and layer the
 # curves of the four stages, with the heads' subjoiner scores and attention to the first position.
-STAGE_PROFILE = f"""
+STAGE_PROFILE = """
 CREATE VIEW stage_profile AS
 WITH heads AS (
     SELECT model_id, dataset_id, layer, MAX(subjoiner) AS max_subjoiner, AVG(attn_first) AS mean_attn_first,

@@ -1,5 +1,6 @@
 """Stages of inference case studies: probe_runs and probe_results (prediction ensembling), head_stats
-(subjoiner scores, attention to the first and previous token), and the stage_profile view.
+(subjoiner scores, attention to the first and previous token), and the stage_profile view; indexes for a
+neuron's labels, for label counts, and a partial index of the classed neurons.
 
 Revision ID: 0007
 Revises: 0006
@@ -159,9 +160,16 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('run_id', 'kind', 'rank', name=op.f('pk_probe_results'))
     )
     op.execute(VIEWS['stage_profile'])
+    op.create_index('ix_neuron_labels_neuron', 'neuron_labels', ['model_id', 'layer', 'neuron'], unique=False)
+    op.create_index('ix_neuron_labels_source', 'neuron_labels', ['source', 'rank', 'model_id', 'feature'], unique=False)
+    op.create_index('ix_neurons_classed', 'neurons', ['model_id', 'layer', 'neuron'], unique=False,
+                    sqlite_where=sa.text("vocab_class <> 'none'"), postgresql_where=sa.text("vocab_class <> 'none'"))
 
 
 def downgrade() -> None:
+    op.drop_index('ix_neurons_classed', table_name='neurons')
+    op.drop_index('ix_neuron_labels_source', table_name='neuron_labels')
+    op.drop_index('ix_neuron_labels_neuron', table_name='neuron_labels')
     op.execute('DROP VIEW IF EXISTS stage_profile')
     op.drop_table('head_stats')
     op.drop_table('probe_results')
