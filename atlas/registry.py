@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from atlas.errors import AtlasError
 from atlas.store import Store
 from atlas.store.schema import Base, Dataset, DatasetTokens, Model, NeuronCorrelation
-from atlas.store.universality import refresh_universality
+from atlas.store.summaries import refresh_universality
 
 
 def default_model_name(source: str, revision: str | None) -> str:

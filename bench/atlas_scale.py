@@ -328,7 +328,7 @@ def _pg_type(column) -> str:
 
 def fill(store, args: argparse.Namespace, report: Report) -> tuple[list, object]:
     from atlas.store.schema import ActivationStat, Neuron, NeuronCorrelation, NeuronLabel, TopExample
-    from atlas.store.universality import refresh_universality
+    from atlas.store.summaries import refresh_layer_classes, refresh_universality
 
     rng = np.random.default_rng(0)
     n = args.layers * args.d_mlp
@@ -343,6 +343,8 @@ def fill(store, args: argparse.Namespace, report: Report) -> tuple[list, object]
         first = index == 0
         write(store, Neuron, neuron_columns(rng, model, n, universal), job_row(store, "weights", model),
               writers["neurons"], first)
+        with store.transaction() as session:  # what the weights job does with its rows
+            refresh_layer_classes(session, [model.id])
         activations_job = job_row(store, "activations", model, dataset)
         write(store, ActivationStat, activation_columns(rng, model, dataset, n), activations_job,
               writers["activation_stats"], first)

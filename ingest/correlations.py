@@ -32,7 +32,7 @@ from atlas.metrics.correlation import PRECISIONS
 from atlas.registry import require_shared_tokenizer, resolve_dataset, resolve_models, verified_weights_hash
 from atlas.store import Store
 from atlas.store.schema import Dataset, Model, NeuronCorrelation
-from atlas.store.universality import refresh_universality
+from atlas.store.summaries import refresh_universality
 from ingest.correlation_consumer import CorrelationConsumer
 from ingest.correlation_plan import (KIND, Block, gram_bytes, model_pass_bytes, pack_passes, pair_blocks, pair_key,
                                      same_step_pairs)

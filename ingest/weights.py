@@ -13,6 +13,7 @@ from atlas.metrics.weights import PARTITION_VARIANCE_SCALE
 from atlas.registry import resolve_models
 from atlas.store import Store
 from atlas.store.schema import Model, Neuron, NeuronVocab
+from atlas.store.summaries import refresh_layer_classes
 from ingest.options import ADDED_OPTION, RUN_OPTION, FamilyName, ModelName, Overwrite
 from ingest.progress import progress_bar
 from ingest.runner import JobKey, replace_rows, run_unit
@@ -194,7 +195,9 @@ def write(session, model_id: int, layers: list[LayerWeights], job_id: int) -> in
     vocab = {name: np.concatenate([l.vocab[name] for l in layers]) for name in layers[0].vocab}
     where = {"model_id": model_id}
     replace_rows(session, NeuronVocab, where, vocab)
-    return replace_rows(session, Neuron, where, {**neurons, "job_id": job_id})
+    n_rows = replace_rows(session, Neuron, where, {**neurons, "job_id": job_id})
+    refresh_layer_classes(session, [model_id])
+    return n_rows
 
 
 def run(config: WeightsConfig, store: Store) -> None:

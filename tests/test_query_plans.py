@@ -16,7 +16,7 @@ from sqlalchemy import Engine, event, text
 
 from atlas.store import Store, bulk_insert
 from atlas.store.schema import ActivationStat, Neuron, NeuronCorrelation, NeuronLabel, TopExample
-from atlas.store.universality import refresh_universality
+from atlas.store.summaries import refresh_layer_classes, refresh_universality
 
 ROOT = Path(__file__).resolve().parent.parent
 BIG_TABLES = ("neuron_correlations", "top_examples")
@@ -54,6 +54,7 @@ def synthetic_atlas(pg_server, pg_template) -> str:
                     bulk_insert(session, NeuronCorrelation,
                                 bench.correlation_columns(rng, model, other, dataset, n, universal))
         refresh_universality(session, [model.id for model in models], dataset.id)
+        refresh_layer_classes(session, [model.id for model in models])
     with store.engine.connect() as connection:
         connection.execute(text("COMMIT"))
         connection.exec_driver_sql("ANALYZE")

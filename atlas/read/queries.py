@@ -364,24 +364,13 @@ def vocab_classes(engine: Engine, family: str) -> list[str]:
 
 
 def class_counts_by_depth(engine: Engine, family: str) -> pd.DataFrame:
-    """Prediction and suppression neurons per layer and seed (the universal-neurons paper's Figure 6), for the
-    models with weight statistics. Only classed neurons are read (a partial index holds them); layers
-    without any come back as zeros, n_neurons is d_mlp."""
-    models = _frame(engine, """
-        SELECT m.id AS model_id, m.seed, m.name AS model, m.n_layers, m.d_mlp FROM models m
-        WHERE m.family = :family AND EXISTS (SELECT 1 FROM neurons n WHERE n.model_id = m.id)
-        ORDER BY m.seed, m.name""", family=family)
-    counts = _frame(engine, """
-        SELECT n.model_id, n.layer,
-               SUM(CASE WHEN n.vocab_class = 'prediction' THEN 1 ELSE 0 END) AS n_prediction,
-               SUM(CASE WHEN n.vocab_class = 'suppression' THEN 1 ELSE 0 END) AS n_suppression
-        FROM neurons n JOIN models m ON m.id = n.model_id
-        WHERE m.family = :family AND n.vocab_class <> 'none'
-        GROUP BY n.model_id, n.layer""", family=family)
-    grid = _layer_grid(models)
-    frame = grid.merge(counts, on=["model_id", "layer"], how="left").fillna({"n_prediction": 0, "n_suppression": 0})
-    frame[["n_prediction", "n_suppression"]] = frame[["n_prediction", "n_suppression"]].astype(int)
-    return frame[["seed", "model", "layer", "rel_depth", "n_neurons", "n_prediction", "n_suppression"]]
+    """Prediction and suppression neurons per layer and seed (the universal-neurons paper's Figure 6), from the
+    per-layer class counts the weights job keeps (layer_classes)."""
+    return _frame(engine, f"""
+        SELECT m.seed, m.name AS model, c.layer, {REL_DEPTH.format(layer="c.layer")} AS rel_depth,
+               c.n_neurons, c.n_prediction, c.n_suppression
+        FROM layer_classes c JOIN models m ON m.id = c.model_id
+        WHERE m.family = :family ORDER BY m.seed, m.name, c.layer""", family=family)
 
 
 def _layer_grid(models: pd.DataFrame) -> pd.DataFrame:

@@ -183,6 +183,20 @@ class Neuron(Base):
                             sqlite_where=text("vocab_class <> 'none'"), postgresql_where=text("vocab_class <> 'none'")),)
 
 
+class LayerClasses(Base):
+    """Per model and layer, how many neurons fall in each vocabulary class: rewritten from neurons by the weights
+    job in the transaction that writes them (atlas.store.summaries); layer_profile and Figure 6 read it."""
+
+    __tablename__ = "layer_classes"
+
+    model_id: Mapped[int] = _model_fk()
+    layer: Mapped[int] = mapped_column(primary_key=True)
+    n_neurons: Mapped[int]
+    n_prediction: Mapped[int]
+    n_suppression: Mapped[int]
+    n_partition: Mapped[int]
+
+
 class NeuronVocab(Base):
     __tablename__ = "neuron_vocab"
 
@@ -261,7 +275,7 @@ class NeuronCorrelation(Base):
 class NeuronUniversality(Base):
     """Per neuron and dataset, its correlations with every other seed summed up (the universal_neurons view
     reads it). Rewritten from neuron_correlations by the correlations job in the transaction that writes
-    those rows (atlas.store.universality), so it always agrees with them."""
+    those rows (atlas.store.summaries), so it always agrees with them."""
 
     __tablename__ = "neuron_universality"
 
@@ -276,7 +290,12 @@ class NeuronUniversality(Base):
     is_universal: Mapped[Optional[bool]]
     universal_threshold: Mapped[float] = mapped_column(Float)
 
-    __table_args__ = (Index("ix_neuron_universality_ranked", "dataset_id", "excess_corr"),)
+    __table_args__ = (
+        Index("ix_neuron_universality_ranked", "dataset_id", "excess_corr"),
+        # The universal neurons alone (a few %): universal fractions and counts without reading the rest.
+        Index("ix_neuron_universality_universal", "model_id", "dataset_id", "layer",
+              sqlite_where=text("is_universal"), postgresql_where=text("is_universal")),
+    )
 
 
 # --- layer interventions, logit lens, layer statistics -------------------------------------------

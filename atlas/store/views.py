@@ -11,7 +11,7 @@ REL_DEPTH = (
 # The TransformerLens hook of a neuron's activation, so rows join with TransformerLens / SAELens work.
 HOOK_NAME = "'blocks.' || CAST({layer} AS VARCHAR(12)) || '.mlp.hook_post'"
 
-# The summary table neuron_universality (atlas.store.universality) holds the per-neuron aggregates over
+# The summary table neuron_universality (atlas.store.summaries) holds the per-neuron aggregates over
 # the other seeds; the correlations job rewrites it with the rows it sums.
 UNIVERSAL_NEURONS = """
 CREATE VIEW universal_neurons AS
@@ -47,13 +47,6 @@ WITH layer_keys AS (
     SELECT model_id, dataset_id, layer FROM layer_stats
     UNION
     SELECT model_id, dataset_id, layer FROM layer_interventions WHERE kind = 'delete'
-), class_counts AS (
-    SELECT model_id, layer,
-           COUNT(*) AS n_neurons,
-           SUM(CASE WHEN vocab_class = 'prediction' THEN 1 ELSE 0 END) AS n_prediction,
-           SUM(CASE WHEN vocab_class = 'suppression' THEN 1 ELSE 0 END) AS n_suppression,
-           SUM(CASE WHEN vocab_class = 'partition' THEN 1 ELSE 0 END) AS n_partition
-    FROM neurons GROUP BY model_id, layer
 )
 SELECT m.family, m.seed, m.step, m.name AS model, k.model_id, d.name AS dataset, k.dataset_id, k.layer,
        {REL_DEPTH.format(layer="k.layer")} AS rel_depth,
@@ -66,7 +59,7 @@ SELECT m.family, m.seed, m.step, m.name AS model, k.model_id, d.name AS dataset,
 FROM layer_keys k
 JOIN models m ON m.id = k.model_id
 JOIN datasets d ON d.id = k.dataset_id
-LEFT JOIN class_counts c ON c.model_id = k.model_id AND c.layer = k.layer
+LEFT JOIN layer_classes c ON c.model_id = k.model_id AND c.layer = k.layer
 LEFT JOIN logit_lens ll ON ll.model_id = k.model_id AND ll.dataset_id = k.dataset_id AND ll.layer = k.layer + 1
 LEFT JOIN layer_interventions del
      ON del.model_id = k.model_id AND del.dataset_id = k.dataset_id AND del.kind = 'delete' AND del.layer = k.layer

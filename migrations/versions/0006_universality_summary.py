@@ -98,7 +98,7 @@ GROUP BY u.family, u.step, u.dataset, u.dataset_id
 """,
 }
 
-# The summary as atlas/store/universality.py computes it, frozen here.
+# The summary as atlas/store/summaries.py computes it, frozen here.
 FILL_SUMMARY = """INSERT INTO neuron_universality (model_id, dataset_id, layer, neuron, n_other_seeds, mean_max_corr, mean_baseline_corr, excess_corr, is_universal, universal_threshold)
 
 SELECT c.model_id, c.dataset_id, c.layer, c.neuron,

@@ -1,11 +1,14 @@
 """Stages of inference case studies: probe_runs and probe_results (prediction ensembling), head_stats
-(subjoiner scores, attention to the first and previous token), and the stage_profile view; indexes for a
-neuron's labels, for label counts, and a partial index of the classed neurons.
+(subjoiner scores, attention to the first and previous token), and the stage_profile view; layer_classes
+(per-layer class counts, which layer_profile now reads); indexes for a neuron's labels, for label counts, and
+partial indexes of the classed and of the universal neurons.
 
 Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-01 04:15:00
 """
+import importlib.util
+from pathlib import Path
 from typing import Sequence, Union
 
 from alembic import op
@@ -50,13 +53,6 @@ WITH layer_keys AS (
     SELECT model_id, dataset_id, layer FROM layer_stats
     UNION
     SELECT model_id, dataset_id, layer FROM layer_interventions WHERE kind = 'delete'
-), class_counts AS (
-    SELECT model_id, layer,
-           COUNT(*) AS n_neurons,
-           SUM(CASE WHEN vocab_class = 'prediction' THEN 1 ELSE 0 END) AS n_prediction,
-           SUM(CASE WHEN vocab_class = 'suppression' THEN 1 ELSE 0 END) AS n_suppression,
-           SUM(CASE WHEN vocab_class = 'partition' THEN 1 ELSE 0 END) AS n_partition
-    FROM neurons GROUP BY model_id, layer
 )
 SELECT m.family, m.seed, m.step, m.name AS model, k.model_id, d.name AS dataset, k.dataset_id, k.layer,
        CASE WHEN m.n_layers > 1 THEN CAST(k.layer AS DOUBLE PRECISION) / (m.n_layers - 1) ELSE 0.0 END AS rel_depth,
@@ -69,7 +65,7 @@ SELECT m.family, m.seed, m.step, m.name AS model, k.model_id, d.name AS dataset,
 FROM layer_keys k
 JOIN models m ON m.id = k.model_id
 JOIN datasets d ON d.id = k.dataset_id
-LEFT JOIN class_counts c ON c.model_id = k.model_id AND c.layer = k.layer
+LEFT JOIN layer_classes c ON c.model_id = k.model_id AND c.layer = k.layer
 LEFT JOIN logit_lens ll ON ll.model_id = k.model_id AND ll.dataset_id = k.dataset_id AND ll.layer = k.layer + 1
 LEFT JOIN layer_interventions del
      ON del.model_id = k.model_id AND del.dataset_id = k.dataset_id AND del.kind = 'delete' AND del.layer = k.layer
@@ -108,6 +104,24 @@ FROM layer_profile p
 LEFT JOIN heads h ON h.model_id = p.model_id AND h.dataset_id = p.dataset_id AND h.layer = p.layer
 """,
 }
+
+# The per-layer class counts as atlas/store/summaries.py computes them, frozen here.
+FILL_LAYER_CLASSES = """INSERT INTO layer_classes (model_id, layer, n_neurons, n_prediction, n_suppression, n_partition)
+
+SELECT n.model_id, n.layer, COUNT(*) AS n_neurons,
+       SUM(CASE WHEN n.vocab_class = 'prediction' THEN 1 ELSE 0 END) AS n_prediction,
+       SUM(CASE WHEN n.vocab_class = 'suppression' THEN 1 ELSE 0 END) AS n_suppression,
+       SUM(CASE WHEN n.vocab_class = 'partition' THEN 1 ELSE 0 END) AS n_partition
+FROM neurons n
+GROUP BY n.model_id, n.layer"""
+
+
+def _views_of_0006() -> dict[str, str]:
+    path = Path(__file__).with_name('0006_universality_summary.py')
+    spec = importlib.util.spec_from_file_location('atlas_migration_0006', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.VIEWS
 
 
 def upgrade() -> None:
@@ -159,7 +173,22 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['run_id'], ['probe_runs.id'], name=op.f('fk_probe_results_run_id_probe_runs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('run_id', 'kind', 'rank', name=op.f('pk_probe_results'))
     )
+    op.create_table('layer_classes',
+    sa.Column('model_id', sa.Integer(), nullable=False),
+    sa.Column('layer', sa.Integer(), nullable=False),
+    sa.Column('n_neurons', sa.Integer(), nullable=False),
+    sa.Column('n_prediction', sa.Integer(), nullable=False),
+    sa.Column('n_suppression', sa.Integer(), nullable=False),
+    sa.Column('n_partition', sa.Integer(), nullable=False),
+    sa.ForeignKeyConstraint(['model_id'], ['models.id'], name=op.f('fk_layer_classes_model_id_models'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('model_id', 'layer', name=op.f('pk_layer_classes'))
+    )
+    op.execute(FILL_LAYER_CLASSES)
+    op.execute('DROP VIEW IF EXISTS layer_profile')  # it now reads layer_classes
+    op.execute(VIEWS['layer_profile'])
     op.execute(VIEWS['stage_profile'])
+    op.create_index('ix_neuron_universality_universal', 'neuron_universality', ['model_id', 'dataset_id', 'layer'],
+                    unique=False, sqlite_where=sa.text('is_universal'), postgresql_where=sa.text('is_universal'))
     op.create_index('ix_neuron_labels_neuron', 'neuron_labels', ['model_id', 'layer', 'neuron'], unique=False)
     op.create_index('ix_neuron_labels_source', 'neuron_labels', ['source', 'rank', 'model_id', 'feature'], unique=False)
     op.create_index('ix_neurons_classed', 'neurons', ['model_id', 'layer', 'neuron'], unique=False,
@@ -170,7 +199,11 @@ def downgrade() -> None:
     op.drop_index('ix_neurons_classed', table_name='neurons')
     op.drop_index('ix_neuron_labels_source', table_name='neuron_labels')
     op.drop_index('ix_neuron_labels_neuron', table_name='neuron_labels')
+    op.drop_index('ix_neuron_universality_universal', table_name='neuron_universality')
     op.execute('DROP VIEW IF EXISTS stage_profile')
+    op.execute('DROP VIEW IF EXISTS layer_profile')
+    op.execute(_views_of_0006()['layer_profile'])
+    op.drop_table('layer_classes')
     op.drop_table('head_stats')
     op.drop_table('probe_results')
     op.drop_table('probe_runs')

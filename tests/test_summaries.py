@@ -1,5 +1,6 @@
-"""The universality summary (neuron_universality) equals the aggregation of neuron_correlations it replaces:
-after a refresh, after migration 0006 fills it from an older atlas, and after a partner seed is removed."""
+"""Summary tables equal the aggregations they replace: neuron_universality after a refresh, after migration
+0006 fills it from an older atlas and after a partner seed is removed; layer_classes after the weights job and
+after migration 0007 fills it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from sqlalchemy import text
 
 from atlas.registry import remove_model
 from atlas.store import Store, bulk_insert
-from atlas.store.schema import Model, NeuronCorrelation
-from atlas.store.universality import refresh_universality
+from atlas.store.schema import Model, Neuron, NeuronCorrelation
+from atlas.store.summaries import refresh_universality
 
 N_LAYERS, D_MLP = 2, 5
 
@@ -126,3 +127,41 @@ def test_migration_fills_the_summary_from_an_older_atlas(store_at_0005):
     store.downgrade("0005")
     np.testing.assert_allclose(_view(store)["excess_corr"].astype(float), before["excess_corr"].astype(float),
                                rtol=1e-12, equal_nan=True)
+
+
+def test_layer_classes_count_the_neurons_of_each_class(filled_any_db_url):
+    """The weights job keeps layer_classes equal to a count of its neurons rows per model, layer and class."""
+    store = Store(filled_any_db_url)
+    with store.engine.connect() as conn:
+        neurons = pd.read_sql(text("SELECT model_id, layer, vocab_class FROM neurons"), conn)
+        kept = pd.read_sql(text("SELECT * FROM layer_classes ORDER BY model_id, layer"), conn)
+    store.dispose()
+    expected = (pd.crosstab([neurons["model_id"], neurons["layer"]], neurons["vocab_class"])
+                .reindex(columns=["prediction", "suppression", "partition"], fill_value=0).reset_index())
+    expected["n_neurons"] = neurons.groupby(["model_id", "layer"]).size().to_numpy()
+    assert len(kept) == len(expected) > 0
+    for column in ("model_id", "layer"):
+        assert kept[column].tolist() == expected[column].tolist()
+    for name in ("prediction", "suppression", "partition"):
+        assert kept[f"n_{name}"].tolist() == expected[name].tolist()
+    assert kept["n_neurons"].tolist() == expected["n_neurons"].tolist()
+
+
+def test_migration_fills_layer_classes_from_an_older_atlas(store_at_0005):
+    store = store_at_0005
+    ids, _ = _models_and_dataset(store)
+    rng = np.random.default_rng(1)
+    classes = rng.choice(["prediction", "suppression", "partition", "none"], size=N_LAYERS * D_MLP)
+    with store.transaction() as session:
+        bulk_insert(session, Neuron, {
+            "model_id": ids[0], "layer": np.arange(N_LAYERS * D_MLP) // D_MLP, "neuron": np.arange(N_LAYERS * D_MLP) % D_MLP,
+            "w_in_norm": 1.0, "w_out_norm": 1.0, "l2_penalty": 2.0, "vocab_class": classes})
+    store.upgrade()
+    with store.engine.connect() as conn:
+        kept = conn.execute(text("SELECT layer, n_neurons, n_prediction, n_suppression, n_partition "
+                                 "FROM layer_classes ORDER BY layer")).all()
+    for layer, n, prediction, suppression, partition in kept:
+        here = classes[layer * D_MLP:(layer + 1) * D_MLP]
+        assert (n, prediction, suppression, partition) == (
+            D_MLP, (here == "prediction").sum(), (here == "suppression").sum(), (here == "partition").sum())
+    assert len(kept) == N_LAYERS

@@ -1,8 +1,11 @@
-"""The per-neuron universality summary (neuron_universality), rebuilt from neuron_correlations.
+"""Summary tables rebuilt from the rows they sum, in the transaction that writes those rows, so a summary
+and its rows never disagree; views and pages read the summaries instead of regrouping millions of rows on
+every query. One SQL text serves SQLite and PostgreSQL.
 
-The correlations job calls refresh_universality in the transaction that writes a pair's rows, so the
-summary and the rows never disagree; the universal_neurons view and the pages read the summary instead
-of regrouping millions of correlation rows on every query. One SQL text serves SQLite and PostgreSQL.
+- neuron_universality: per neuron and dataset, its correlations with every other seed (the correlations
+  job; the universal_neurons view).
+- layer_classes: per model and layer, how many neurons of each vocabulary class (the weights job; the
+  layer_profile view and Figure 6).
 """
 
 from __future__ import annotations
@@ -43,3 +46,27 @@ def refresh_universality(session: Session, model_ids: Iterable[int], dataset_id:
         GROUP BY c.model_id, c.dataset_id, c.layer, c.neuron""").bindparams(bindparam("ids", expanding=True)),
         params)
 
+
+
+LAYER_CLASSES_SELECT = """
+SELECT n.model_id, n.layer, COUNT(*) AS n_neurons,
+       SUM(CASE WHEN n.vocab_class = 'prediction' THEN 1 ELSE 0 END) AS n_prediction,
+       SUM(CASE WHEN n.vocab_class = 'suppression' THEN 1 ELSE 0 END) AS n_suppression,
+       SUM(CASE WHEN n.vocab_class = 'partition' THEN 1 ELSE 0 END) AS n_partition
+FROM neurons n
+"""
+LAYER_CLASSES_COLUMNS = "model_id, layer, n_neurons, n_prediction, n_suppression, n_partition"
+
+
+def refresh_layer_classes(session: Session, model_ids: Iterable[int]) -> None:
+    """Rewrite the per-layer class counts of these models from their neurons rows."""
+    ids = sorted({int(model_id) for model_id in model_ids})
+    if not ids:
+        return
+    session.execute(text("DELETE FROM layer_classes WHERE model_id IN :ids")
+                    .bindparams(bindparam("ids", expanding=True)), {"ids": ids})
+    session.execute(text(f"""
+        INSERT INTO layer_classes ({LAYER_CLASSES_COLUMNS})
+        {LAYER_CLASSES_SELECT}
+        WHERE n.model_id IN :ids
+        GROUP BY n.model_id, n.layer""").bindparams(bindparam("ids", expanding=True)), {"ids": ids})
