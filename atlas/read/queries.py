@@ -224,9 +224,12 @@ def correlations(engine: Engine, model: str | None = None, layer: int | None = N
 
 
 # Which models and datasets have correlations: one index probe of the universality summary per model
-# (its primary key leads with model_id, dataset_id) instead of a DISTINCT over millions of rows.
-_HAS_CORRELATIONS = """EXISTS (SELECT 1 FROM neuron_universality u
-                              WHERE u.model_id = m.id AND u.dataset_id = d.id)"""
+# (its primary key leads with model_id, dataset_id) instead of a DISTINCT over millions of rows. A LIMIT
+# subquery rather than EXISTS: PostgreSQL may turn EXISTS into a hash semi-join that reads the whole table.
+# The ORDER BY (the primary key's order) keeps PostgreSQL on the index: with a bare LIMIT 1 it may expect a
+# match within a few rows of a sequential scan, where a model's rows are all in one stretch of the table.
+_HAS_CORRELATIONS = """(SELECT 1 FROM neuron_universality u WHERE u.model_id = m.id AND u.dataset_id = d.id
+                        ORDER BY u.model_id, u.dataset_id LIMIT 1) IS NOT NULL"""
 
 
 def correlation_datasets(engine: Engine, family: str) -> list[str]:
@@ -242,8 +245,8 @@ def stored_universal_threshold(engine: Engine, family: str) -> float | None:
     every neuron of a model carries the same pairs)."""
     value = _scalar(engine, """
         SELECT MAX(t.threshold) FROM (
-            SELECT (SELECT u.universal_threshold FROM neuron_universality u WHERE u.model_id = m.id LIMIT 1)
-                   AS threshold
+            SELECT (SELECT u.universal_threshold FROM neuron_universality u WHERE u.model_id = m.id
+                    ORDER BY u.model_id, u.dataset_id, u.layer, u.neuron LIMIT 1) AS threshold
             FROM models m WHERE m.family = :family) t""", family=family)
     return None if value is None else float(value)
 
@@ -494,7 +497,8 @@ def universal_scores(engine: Engine, model: str, layer: int, neuron: int) -> pd.
 def families_with_correlations(engine: Engine) -> list[str]:
     frame = _frame(engine, """
         SELECT DISTINCT m.family FROM models m
-        WHERE EXISTS (SELECT 1 FROM neuron_universality u WHERE u.model_id = m.id) ORDER BY m.family""")
+        WHERE (SELECT 1 FROM neuron_universality u WHERE u.model_id = m.id ORDER BY u.model_id LIMIT 1) IS NOT NULL
+        ORDER BY m.family""")
     return frame["family"].tolist()
 
 
