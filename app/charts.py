@@ -267,7 +267,7 @@ def _stage_facets(frame: pd.DataFrame, keys: list[str], color: alt.Color, detail
         alt.Chart(long)
         .mark_line(point=True)
         .encode(**encoding)
-        .properties(width=230, height=150)
+        .properties(width=200, height=150)
         .facet(facet=alt.Facet("metric:N", title=None, sort=[STAGE_METRICS[c] for c in present]), columns=4)
         .resolve_scale(y="independent")
     )
@@ -302,7 +302,7 @@ def head_stats_by_layer(frame: pd.DataFrame) -> alt.Chart:
             xOffset="seed:N",
             tooltip=["model", "layer", "head", "metric", alt.Tooltip("value:Q", format=".4g")],
         )
-        .properties(width=300, height=180)
+        .properties(width=260, height=180)
         .facet(facet=alt.Facet("metric:N", title=None, sort=[HEAD_METRICS[c] for c in present]), columns=3)
         .resolve_scale(y="independent")
     )

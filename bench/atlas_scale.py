@@ -42,7 +42,7 @@ CONTEXT = 29  # tokens in a top example's window (24 before, 4 after)
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+    parser.add_argument("--admin-url", "--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
                         help="a PostgreSQL URL whose role may create databases")
     parser.add_argument("--name", default="atlas_scale", help="the database to create (dropped first if it exists)")
     parser.add_argument("--layers", type=int, default=24)
@@ -410,13 +410,43 @@ def time_pages(url: str, report: Report) -> None:
     os.environ["ATLAS_DATABASE_URL"] = url
     app = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=600)
     app.run()
-    for page in ("overview", "families", "card", "compare", "layers", "sql"):
+    for page in ("overview", "families", "card", "compare", "layers", "sql", "studies"):
         with timed() as elapsed:
             app.switch_page(f"app_pages/{page}.py").run()
-        # A page that stopped with an error message (st.error + st.stop) rendered nothing: a failure too.
-        failed = [element.value for element in [*app.exception, *app.error]] or ([] if app.title else ["no title"])
-        report.add("page", f"{page}{' (FAILED: ' + failed[0][:40] + ')' if failed else ''}", elapsed(), PAGE_GOAL_S,
-                   met_override=False if failed else None)
+        _report_page(app, report, page, elapsed())
+        for state, change in WIDGET_STATES.get(page, []):
+            with timed() as elapsed:
+                change(app).run()
+            _report_page(app, report, f"{page}: {state}", elapsed())
+
+
+def _report_page(app, report: Report, item: str, seconds: float) -> None:
+    # A page that stopped with an error message (st.error + st.stop) rendered nothing: a failure too.
+    failed = [element.value for element in [*app.exception, *app.error]] or ([] if app.title else ["no title"])
+    report.add("page", f"{item}{' (FAILED: ' + failed[0][:40] + ')' if failed else ''}", seconds, PAGE_GOAL_S,
+               met_override=False if failed else None)
+
+
+# The main widget states of each page, in the order a visitor would try them (each from the state before).
+WIDGET_STATES: dict[str, list[tuple[str, Callable]]] = {
+    "families": [
+        ("universal only", lambda app: app.checkbox[0].check()),
+        ("classes prediction + suppression", lambda app: app.multiselect[1].set_value(["prediction", "suppression"])),
+        ("layers 12-23", lambda app: app.slider[0].set_value((12, 23))),
+        ("label source current_token", lambda app: app.selectbox(key="families_label_source").set_value("current_token")),
+        ("a rank-0 label", lambda app: app.selectbox(key="families_label").set_value(
+            app.selectbox(key="families_label").options[1])),
+    ],
+    "card": [
+        ("another neuron", lambda app: app.number_input(key="card_neuron").set_value(1234)),
+        ("another layer", lambda app: app.number_input(key="card_layer").set_value(20)),
+    ],
+    "compare": [
+        ("threshold 0.3", lambda app: app.slider[0].set_value(0.3)),
+        ("the 10th neuron", lambda app: app.selectbox[-1].set_value(9)),
+        ("another reference seed", lambda app: app.selectbox[2].set_value(app.selectbox[2].options[3])),
+    ],
+}
 
 
 def main() -> None:

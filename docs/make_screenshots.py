@@ -1,7 +1,8 @@
 """Regenerate the README's screenshots of the app: python docs/make_screenshots.py --db sqlite:///atlas.db
 
 Serves the app on a free port, opens the families page and the card of the neuron with the highest
-excess correlation in headless Chromium, and writes docs/card.png and docs/families.png.
+excess correlation, the layers page and the studies page in headless Chromium, and writes docs/card.png,
+docs/families.png, docs/layers.png and docs/studies.png.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def main() -> None:
         _wait_healthy(base, server)
         profile = Path(tempfile.mkdtemp())
         pages = {"card": (f"card?{most_universal_neuron(args.db)}", "Neuron card"),
-                 "families": ("families", "Neuron families")}
+                 "families": ("families", "Neuron families"),
+                 "layers": ("layers", "Layers"),
+                 "studies": ("studies", "Studies")}
         for name, (path, title) in pages.items():
             _load(f"{base}/{path}", HERE / f"{name}.png", profile / name, title)
             print(f"wrote {HERE / f'{name}.png'}")

@@ -33,6 +33,7 @@ PAGES = {  # url path -> page title; the default page (Overview) lives at the ro
     "card": "Neuron card",
     "compare": "Compare seeds",
     "layers": "Layers",
+    "studies": "Studies",
 }
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found: apt-get install -y chromium")
@@ -134,3 +135,5 @@ def test_every_page_renders_in_chromium(app_url: str, filled_db_url: str, screen
         assert (screenshot_dir / f"{name}.png").stat().st_size > 10_000
         if path == "card":
             assert model in dom and "atlas-example" in dom, "the card did not open the linked neuron"
+        if path == "layers":  # the four-stage profile and the heads per layer are drawn, not only declared
+            assert dom.count('data-testid="stVegaLiteChart"') >= 2, "the layers page drew fewer than two charts"

@@ -171,11 +171,12 @@ class Neuron(Base):
     vocab_skew: Mapped[Optional[float]] = mapped_column(Float)
     vocab_kurt: Mapped[Optional[float]] = mapped_column(Float)
     vocab_class: Mapped[str] = mapped_column(String(20))
+    job_id: Mapped[Optional[int]] = _job_fk()
     # Entropy neurons: the share of ||w_out||^2 in the effective null space of the processed unembedding
-    # (its bottom singular directions), and what a random direction gets (k / d_model). NULL before 0005.
+    # (its bottom singular directions), and what a random direction gets (k / d_model; k / (d_model - 1) for
+    # LayerNorm models). NULL before 0005. After job_id, where migration 0005 added them.
     null_frac: Mapped[Optional[float]] = mapped_column(Float)
     null_frac_random: Mapped[Optional[float]] = mapped_column(Float)
-    job_id: Mapped[Optional[int]] = _job_fk()
 
     # The few classed neurons (prediction, suppression, partition), for the Families page's counts and plots
     # without reading every neuron.
