@@ -226,10 +226,11 @@ def correlations(engine: Engine, model: str | None = None, layer: int | None = N
 # Which models and datasets have correlations: one index probe of the universality summary per model
 # (its primary key leads with model_id, dataset_id) instead of a DISTINCT over millions of rows. A LIMIT
 # subquery rather than EXISTS: PostgreSQL may turn EXISTS into a hash semi-join that reads the whole table.
-# The ORDER BY (the primary key's order) keeps PostgreSQL on the index: with a bare LIMIT 1 it may expect a
-# match within a few rows of a sequential scan, where a model's rows are all in one stretch of the table.
+# The ORDER BY (the rest of the primary key, after the columns the query fixes) keeps PostgreSQL on the index:
+# with a bare LIMIT 1 it may expect a match within a few rows of a sequential scan, where a model's rows are
+# all in one stretch of the table. Ordering by a fixed column alone does not: the planner drops it.
 _HAS_CORRELATIONS = """(SELECT 1 FROM neuron_universality u WHERE u.model_id = m.id AND u.dataset_id = d.id
-                        ORDER BY u.model_id, u.dataset_id LIMIT 1) IS NOT NULL"""
+                        ORDER BY u.layer, u.neuron LIMIT 1) IS NOT NULL"""
 
 
 def correlation_datasets(engine: Engine, family: str) -> list[str]:
@@ -497,7 +498,8 @@ def universal_scores(engine: Engine, model: str, layer: int, neuron: int) -> pd.
 def families_with_correlations(engine: Engine) -> list[str]:
     frame = _frame(engine, """
         SELECT DISTINCT m.family FROM models m
-        WHERE (SELECT 1 FROM neuron_universality u WHERE u.model_id = m.id ORDER BY u.model_id LIMIT 1) IS NOT NULL
+        WHERE (SELECT 1 FROM neuron_universality u WHERE u.model_id = m.id
+               ORDER BY u.dataset_id, u.layer, u.neuron LIMIT 1) IS NOT NULL
         ORDER BY m.family""")
     return frame["family"].tolist()
 
