@@ -6,7 +6,6 @@ Every job runs through its public run(config, store), as the CLI does. Tests mus
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -30,7 +29,7 @@ from ingest.lens import LensConfig
 from ingest.lens import run as run_lens
 from ingest.weights import WeightsConfig
 from ingest.weights import run as run_weights
-from tests.tiny import docstring_texts
+from tests.tiny import write_docs_jsonl
 
 FILLED_FAMILY, FILLED_DATASET, FILLED_SEEDS, FILLED_TOKENS = "tiny", "docs", (0, 1, 2), 3000
 
@@ -56,9 +55,7 @@ def fill(url: str, model_dirs, docs_file) -> None:
 
 @pytest.fixture(scope="session")
 def filled_docs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("filled-docs") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": t.strip()}) + "\n" for t in docstring_texts() if t.strip()))
-    return path
+    return write_docs_jsonl(tmp_path_factory.mktemp("filled-docs") / "docs.jsonl")
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])

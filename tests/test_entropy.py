@@ -8,7 +8,6 @@ sets the activation by hand and reads the final norm's input; entropy, loss and 
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -30,7 +29,7 @@ from ingest.weights import WeightsConfig, analyse_layer, null_space
 from ingest.weights import run as run_weights
 from tests.test_interventions import log_softmax64
 from tests.test_weights import _params, transformer_lens_processing
-from tests.tiny import ARCHITECTURES, docstring_texts
+from tests.tiny import ARCHITECTURES, docstring_texts, write_docs_jsonl
 
 # Raw module names (the reference does not go through the adapters): down-projection, final norm.
 MODULES = {
@@ -48,9 +47,7 @@ def isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def docs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": t.strip()}) + "\n" for t in docstring_texts() if t.strip()))
-    return path
+    return write_docs_jsonl(tmp_path_factory.mktemp("docs") / "docs.jsonl")
 
 
 def f64(tensor: torch.Tensor) -> np.ndarray:

@@ -8,7 +8,6 @@ token) and a hand-built probability tensor with scores worked out by hand check 
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -24,7 +23,7 @@ from atlas.store.schema import HeadStat, Job
 from ingest.datasets import tokenize
 from ingest.heads import HeadsConfig, measure, run, vocabulary_flags
 from ingest.next_token import ScoredBatch
-from tests.tiny import ARCHITECTURES, CONTEXT, build_tiny_model, docstring_texts
+from tests.tiny import ARCHITECTURES, CONTEXT, build_tiny_model, docstring_texts, write_docs_jsonl
 
 N_TOKENS, CTX = 900, CONTEXT + 64
 COLUMNS = ("subjoiner", "subjoiner_attn", "subjoiner_baseline", "attn_first", "attn_prev")
@@ -221,9 +220,7 @@ def isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def docs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": t.strip()}) + "\n" for t in docstring_texts() if t.strip()))
-    return path
+    return write_docs_jsonl(tmp_path_factory.mktemp("docs") / "docs.jsonl")
 
 
 def test_job_rows_equal_float64_numpy_and_rerun_skips(store, trained_tiny_models, docs_file):

@@ -6,7 +6,6 @@ VR = p (1 - p) (mu_1 - mu_0)^2 / Var(x), on real weights and real activations of
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
@@ -28,7 +27,7 @@ from ingest.labels import LabelsConfig, run
 from ingest.weights import WeightsConfig
 from ingest.weights import run as run_weights
 from tests.test_vocab_classes import _plant
-from tests.tiny import ARCHITECTURES, docstring_texts
+from tests.tiny import ARCHITECTURES, docstring_texts, write_docs_jsonl
 
 
 def vr_by_definition(x: np.ndarray, f: np.ndarray) -> tuple[float, float, float]:
@@ -48,9 +47,7 @@ def isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def docs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": t.strip()}) + "\n" for t in docstring_texts()[:300] if t.strip()))
-    return path
+    return write_docs_jsonl(tmp_path_factory.mktemp("docs") / "docs.jsonl", limit=300)
 
 
 def token_strings(tokenizer) -> list[str]:

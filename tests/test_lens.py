@@ -9,7 +9,6 @@ chosen by a plain loop, one unpadded row at a time.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -30,7 +29,7 @@ from ingest.next_token import ScoredBatch
 from ingest.weights import WeightsConfig
 from ingest.weights import run as run_weights
 from tests.test_interventions import log_softmax64, scored_positions
-from tests.tiny import ARCHITECTURES, CONTEXT, docstring_texts
+from tests.tiny import ARCHITECTURES, CONTEXT, docstring_texts, write_docs_jsonl
 
 # Module names, written out here so the reference does not depend on the adapters.
 NAMES = {  # blocks, attention (inside a block), MLP (inside a block), final norm, unembedding
@@ -110,9 +109,7 @@ def isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def docs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": t.strip()}) + "\n" for t in docstring_texts() if t.strip()))
-    return path
+    return write_docs_jsonl(tmp_path_factory.mktemp("docs") / "docs.jsonl")
 
 
 def eager(directory):

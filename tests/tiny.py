@@ -8,6 +8,7 @@ d_mlp is never 4 * d_model, so code that assumes it fails here.
 from __future__ import annotations
 
 import ast
+import json
 import sysconfig
 from pathlib import Path
 from typing import Any, Callable
@@ -56,6 +57,13 @@ def docstring_texts() -> list[str]:
                 if docstring:
                     texts.append(docstring)
     return texts
+
+
+def write_docs_jsonl(path: Path, limit: int | None = None) -> Path:
+    """The non-empty docstrings (the first `limit` of them) as a .jsonl text dataset, one {"text": ...} per line."""
+    texts = docstring_texts()[:limit]
+    path.write_text("".join(json.dumps({"text": t.strip()}) + "\n" for t in texts if t.strip()))
+    return path
 
 
 def build_tokenizer(directory: str | Path, vocab_size: int = TOKENIZER_VOCAB):

@@ -33,12 +33,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _frame(engine: Engine, sql: str, expanding: Sequence[str] = (), **params: Any) -> pd.DataFrame:
+def _statement(sql: str, expanding: Sequence[str]):
+    """The SQL text with the named parameters bound as lists (IN :name)."""
     statement = text(sql)
     if expanding:
         statement = statement.bindparams(*(bindparam(name, expanding=True) for name in expanding))
+    return statement
+
+
+def _frame(engine: Engine, sql: str, expanding: Sequence[str] = (), **params: Any) -> pd.DataFrame:
     with engine.connect() as conn:
-        return pd.read_sql_query(statement, conn, params={name: _plain(value) for name, value in params.items()})
+        return pd.read_sql_query(_statement(sql, expanding), conn,
+                                 params={name: _plain(value) for name, value in params.items()})
 
 
 def _where(**conditions: tuple[str, Any]) -> tuple[str, dict[str, Any], tuple[str, ...]]:
@@ -65,11 +71,8 @@ def _limit(limit: int | None) -> str:
 
 
 def _scalar_expanding(engine: Engine, sql: str, expanding: Sequence[str] = (), **params: Any) -> Any:
-    statement = text(sql)
-    if expanding:
-        statement = statement.bindparams(*(bindparam(name, expanding=True) for name in expanding))
     with engine.connect() as conn:
-        return conn.execute(statement, {name: _plain(value) for name, value in params.items()}).scalar()
+        return conn.execute(_statement(sql, expanding), {name: _plain(value) for name, value in params.items()}).scalar()
 
 
 def _scalar(engine: Engine, sql: str, **params: Any) -> Any:

@@ -31,20 +31,24 @@ COLUMNS = ("model_id, dataset_id, layer, neuron, n_other_seeds, mean_max_corr, m
            "is_universal, universal_threshold")
 
 
-def refresh_universality(session: Session, model_ids: Iterable[int], dataset_id: int) -> None:
-    """Rewrite the summary rows of these models on this dataset from their correlation rows."""
+def _rewrite(session: Session, table: str, where: str, columns: str, select: str, source_where: str,
+             group_by: str, model_ids: Iterable[int], **params: int) -> None:
+    """Delete the summary rows of these models (`where`) and insert them again from `select` (`source_where`)."""
     ids = sorted({int(model_id) for model_id in model_ids})
     if not ids:
         return
-    params = {"ids": ids, "dataset_id": int(dataset_id)}
-    session.execute(text("DELETE FROM neuron_universality WHERE model_id IN :ids AND dataset_id = :dataset_id")
-                    .bindparams(bindparam("ids", expanding=True)), params)
-    session.execute(text(f"""
-        INSERT INTO neuron_universality ({COLUMNS})
-        {SUMMARY_SELECT}
-        WHERE c.model_id IN :ids AND c.dataset_id = :dataset_id
-        GROUP BY c.model_id, c.dataset_id, c.layer, c.neuron""").bindparams(bindparam("ids", expanding=True)),
-        params)
+    params = {"ids": ids, **params}
+    ids_list = bindparam("ids", expanding=True)
+    session.execute(text(f"DELETE FROM {table} WHERE {where}").bindparams(ids_list), params)
+    session.execute(text(f"INSERT INTO {table} ({columns}) {select} WHERE {source_where} GROUP BY {group_by}")
+                    .bindparams(ids_list), params)
+
+
+def refresh_universality(session: Session, model_ids: Iterable[int], dataset_id: int) -> None:
+    """Rewrite the summary rows of these models on this dataset from their correlation rows."""
+    _rewrite(session, "neuron_universality", "model_id IN :ids AND dataset_id = :dataset_id", COLUMNS,
+             SUMMARY_SELECT, "c.model_id IN :ids AND c.dataset_id = :dataset_id",
+             "c.model_id, c.dataset_id, c.layer, c.neuron", model_ids, dataset_id=int(dataset_id))
 
 
 
@@ -60,13 +64,5 @@ LAYER_CLASSES_COLUMNS = "model_id, layer, n_neurons, n_prediction, n_suppression
 
 def refresh_layer_classes(session: Session, model_ids: Iterable[int]) -> None:
     """Rewrite the per-layer class counts of these models from their neurons rows."""
-    ids = sorted({int(model_id) for model_id in model_ids})
-    if not ids:
-        return
-    session.execute(text("DELETE FROM layer_classes WHERE model_id IN :ids")
-                    .bindparams(bindparam("ids", expanding=True)), {"ids": ids})
-    session.execute(text(f"""
-        INSERT INTO layer_classes ({LAYER_CLASSES_COLUMNS})
-        {LAYER_CLASSES_SELECT}
-        WHERE n.model_id IN :ids
-        GROUP BY n.model_id, n.layer""").bindparams(bindparam("ids", expanding=True)), {"ids": ids})
+    _rewrite(session, "layer_classes", "model_id IN :ids", LAYER_CLASSES_COLUMNS, LAYER_CLASSES_SELECT,
+             "n.model_id IN :ids", "n.model_id, n.layer", model_ids)
