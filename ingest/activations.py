@@ -10,7 +10,9 @@ are left out of statistics and examples unless --no-exclude-special-tokens; the 
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 from dataclasses import dataclass
 from typing import Annotated, Any, Mapping
 
@@ -28,10 +30,12 @@ from atlas.store import Store
 from atlas.store.schema import ActivationStat, Dataset, Model, TopExample
 from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
-from ingest.options import RUN_OPTION, DatasetName, DeviceName, FamilyName, ModelDtype, ModelName, Overwrite
-from ingest.runner import JobKey, config_hash, replace_rows, run_units, science_config
+from ingest.options import (RUN_OPTION, CpusPerTask, DatasetName, DeviceName, ExecutorName, FamilyName, GpusPerTask,
+                            ModelDtype, ModelName, Overwrite, RayAddress, ShardDir, TokenShards)
+from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_units, science_config
 
 KIND = "activations"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +63,12 @@ class ActivationsConfig:
     """Checkpoint the accumulators every this many batches (0: never by count)."""
     checkpoint_seconds: Annotated[float, RUN_OPTION] = 60.0
     """... and at least this often in seconds (0: never by time)."""
+    token_shards: TokenShards = 1
+    executor: ExecutorName = "local"
+    ray_address: RayAddress = None
+    gpus_per_task: GpusPerTask = None
+    cpus_per_task: CpusPerTask = 1.0
+    shard_dir: ShardDir = None
     overwrite: Overwrite = False
 
 
@@ -98,6 +108,15 @@ class ActivationStatsConsumer:
         flat = (rows * length + positions.clamp(0, length - 1)) * n_features + features[None, None, :]
         return full.reshape(-1)[flat].masked_fill(~valid, float("nan"))
 
+    def merge(self, other: ActivationStatsConsumer) -> None:
+        """Fold in the consumer of the NEXT token shard (Chan/Pebay moments; top-k in stream order)."""
+        if other.shapes != self.shapes:
+            raise ValueError("cannot merge consumers of different models")
+        for model_id, layers in self.moments.items():
+            for mine, theirs in zip(layers, other.moments[model_id]):
+                mine.merge(theirs)
+            self.top[model_id].merge(other.top[model_id])
+
     def state_dict(self) -> dict[str, np.ndarray]:
         state: dict[str, np.ndarray] = {}
         for model_id, layers in self.moments.items():
@@ -125,7 +144,7 @@ class ModelResults:
 # -- preparing ----------------------------------------------------------------------------------
 
 def _check_options(config: ActivationsConfig) -> None:
-    for name in ("top_k", "batch_size"):
+    for name in ("top_k", "batch_size", "token_shards"):
         if getattr(config, name) < 1:
             raise AtlasError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     for name in ("context_before", "context_after"):
@@ -234,6 +253,9 @@ def run(config: ActivationsConfig, store: Store) -> None:
     require_shared_tokenizer(models)
     check_dataset(dataset, config.tokens)
     check_tokens(store, dataset, models)
+    if config.token_shards > 1 or config.executor != "local":
+        run_token_shards(models, dataset, config, store)
+        return
     by_id = {m.id: m for m in models}
     checkpoints: list[Checkpoint] = []
 
@@ -250,3 +272,60 @@ def run(config: ActivationsConfig, store: Store) -> None:
     )
     for checkpoint in checkpoints:  # the results are committed: the accumulators are no longer needed
         checkpoint.delete()
+
+
+# -- token shards on an executor ---------------------------------------------------------------------
+
+def run_token_shards(models: list[Model], dataset: Dataset, config: ActivationsConfig, store: Store) -> None:
+    """One unit per (model, token range) on the executor; then each model's units merged in stream order
+    (Chan/Pebay moments, top-k by merge) into its rows, one transaction for the models done."""
+    from ingest.token_shards import (PassUnit, delete_states, merge_states, model_spec, prepare_stream,
+                                     run_pass_units, shard_label, state_path, token_ranges, unit_key,
+                                     with_done_ids)
+
+    hash_ = config_hash(science_config(config))
+    keys = {m.id: JobKey(KIND, model_id=m.id, dataset_id=dataset.id) for m in models}
+    with store.session() as session:
+        pending = [m for m in models if config.overwrite or find_done(session, keys[m.id], hash_) is None]
+    if len(pending) < len(models):
+        log.info(f"skipped activations of {len(models) - len(pending)} of {len(models)} models: already done "
+                 "with this config (use --overwrite to recompute)")
+    if not pending:
+        return
+    stream = prepare_stream(config, dataset, pending[0])
+    ranges = token_ranges(-(-stream.n_rows // config.batch_size), config.token_shards)
+    units = {m.id: [PassUnit(
+        label=f"activations {m.name} {shard_label(index, len(ranges))}",
+        keys=(unit_key(keys[m.id], index, len(ranges)),), models=(model_spec(m),),
+        make_consumer=functools.partial(ActivationStatsConsumer, {m.id: (m.n_layers, m.d_mlp)}, config.top_k,
+                                        config.context_before, config.context_after),
+        tokens_dir=str(stream.tokens_dir), n_rows=stream.n_rows, batch_size=config.batch_size, batches=batches,
+        stat_positions="non_special" if config.exclude_special_tokens else "all", dtype=config.dtype,
+        device=config.device, checkpoint_every=config.checkpoint_every, checkpoint_seconds=config.checkpoint_seconds,
+        state_path=str(state_path(stream.directory, KIND, {
+            "config": hash_, "model": (m.id, m.source, m.revision, m.weights_hash),
+            "dataset": (dataset.id, dataset.content_hash), "tokens": stream.tokens_dir.name, "n_rows": stream.n_rows,
+            "batch_size": config.batch_size, "batches": (batches.start, batches.stop)})),
+    ) for index, batches in enumerate(ranges)] for m in pending}
+    run_pass_units(store, [unit for model_units in units.values() for unit in model_units], config,
+                   stream.executor, f"activations {dataset.name}")
+    tokenizer_strings = _token_strings(pending[0])
+
+    def compute(claimed: list[JobKey]) -> dict[int, ModelResults]:
+        by_id = {m.id: m for m in pending}
+        return {key.model_id: _model_results(merge_states(with_done_ids(store, units[key.model_id], hash_)),
+                                             by_id[key.model_id], stream.tokens, tokenizer_strings, config)
+                for key in claimed}
+
+    ran = run_units(store, [keys[m.id] for m in pending], config, compute,
+                    lambda session, results, job_ids: write(session, results, dataset.id, job_ids),
+                    overwrite=True, label=f"activations {dataset.name} ({len(ranges)} token shards)")
+    for key in ran:
+        delete_states(units[key.model_id])
+
+
+def _token_strings(model: Model) -> list[str]:
+    from atlas.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(model.source, model.revision)
+    return [tokenizer.decode([i]) for i in range(len(tokenizer))]

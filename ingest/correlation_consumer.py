@@ -24,10 +24,17 @@ from ingest.runner import JobKey
 class CorrelationConsumer:
     """A family-pass consumer. Each model's shift, sums and extremes are computed once per batch
     (ModelColumns) and shared by the accumulators it takes part in: one per block (products only) and
-    one covariance accumulator per layer group of a model (no A neurons), shared by the blocks."""
+    one covariance accumulator per layer group of a model (no A neurons), shared by the blocks.
 
-    def __init__(self, blocks: list[Block], device: str | torch.device = "cpu") -> None:
-        self.blocks = blocks
+    The float32 partial products are added into float64 after every `flush_every` batches, counted from
+    the stream's first batch: a token shard that starts at a multiple of flush_every groups its batches
+    exactly as the whole pass does, so shards merge by addition into the unsharded sums (to float64
+    rounding), and checkpoints wait for such a boundary so that a resumed pass is bit-identical."""
+
+    def __init__(self, blocks: list[Block], device: str | torch.device = "cpu", flush_every: int = 1) -> None:
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be at least 1 batch, got {flush_every}")
+        self.blocks, self.flush_every = blocks, flush_every
         self.device = torch.device(device)  # every accumulator lives beside the activations
         self.precision = blocks[0].precision if blocks else "float32"
         self.widths = {block.a_id: block.a_width for block in blocks} | {block.b_id: block.b_width for block in blocks}
@@ -44,13 +51,17 @@ class CorrelationConsumer:
     def _pair_accumulator(self, block: Block) -> SharedCorrelationAccumulator:
         return SharedCorrelationAccumulator(self.models[block.a_id], block.a_columns, self.models[block.b_id],
                                             block.b_columns, block.b_layer_sizes,
-                                            b_layers=range(block.b_start, block.b_stop), track_gram=False)
+                                            b_layers=range(block.b_start, block.b_stop), track_gram=False,
+                                            flush_tokens=None)
 
     def _gram_accumulator(self, key: tuple[int, int, int], columns: slice,
                           sizes: list[int]) -> SharedCorrelationAccumulator:
         model = self.models[key[0]]
         return SharedCorrelationAccumulator(model, slice(columns.start, columns.start), model, columns, sizes,
-                                            b_layers=range(key[1], key[2]), track_gram=True)
+                                            b_layers=range(key[1], key[2]), track_gram=True, flush_tokens=None)
+
+    def _accumulators(self) -> list[SharedCorrelationAccumulator]:
+        return [*self.pairs, *self.grams.values()]
 
     def consume(self, step: PassBatch) -> None:
         shifted = {model_id: columns.update(step.activations[model_id]) for model_id, columns in self.models.items()}
@@ -59,6 +70,27 @@ class CorrelationConsumer:
         for (model_id, _, _), accumulator in self.grams.items():
             y = shifted[model_id][:, accumulator.columns_b]
             accumulator.update_products(y[:, :0], y)
+        if (step.index + 1) % self.flush_every == 0:
+            for accumulator in self._accumulators():
+                accumulator.flush()
+
+    def ready_to_checkpoint(self, next_batch: int) -> bool:
+        """Checkpoints only where the pass flushes: saving flushes, and elsewhere that would regroup the sums."""
+        return next_batch % self.flush_every == 0
+
+    def prime(self, step: PassBatch) -> bool:
+        """Take every model's shift from this batch (the stream's first) without counting it; True once all
+        are set. A token shard that does not start the stream primes first, so that all shards share them."""
+        return all([columns.prime(step.activations[model_id]) for model_id, columns in self.models.items()])
+
+    def merge(self, other: CorrelationConsumer) -> None:
+        """Fold in the consumer of another token shard of the same blocks (sums and products add)."""
+        if [block.key for block in other.blocks] != [block.key for block in self.blocks]:
+            raise ValueError("cannot merge consumers of different blocks")
+        for model_id, columns in self.models.items():
+            columns.merge(other.models[model_id])
+        for mine, theirs in zip(self._accumulators(), other._accumulators(), strict=True):
+            mine.merge_products(theirs)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state: dict[str, np.ndarray] = {}

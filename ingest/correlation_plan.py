@@ -11,9 +11,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from atlas.errors import AtlasError
-from atlas.metrics.correlation import CorrelationAccumulator, ModelColumns, layer_grid
+from atlas.metrics.correlation import DEFAULT_FLUSH_TOKENS, CorrelationAccumulator, ModelColumns, layer_grid
 from atlas.store.schema import Model
 from ingest.runner import JobKey
+from ingest.token_shards import flush_batches
 
 KIND = "correlations"
 
@@ -132,6 +133,11 @@ def pass_bytes(units: list[Block], batch_positions: int) -> int:
     return (sum(block.accumulator_bytes() for block in units)
             + sum(gram_bytes(sizes, precision) for sizes, precision in grams.values())
             + sum(model_pass_bytes(width, batch_positions, precision) for width, precision in models.values()))
+
+
+def flush_every(n_rows: int, batch_size: int, ctx_len: int) -> int:
+    """The pass's flush group in batches (the same for a whole pass and for its token shards)."""
+    return flush_batches(-(-n_rows // batch_size), batch_size * ctx_len, DEFAULT_FLUSH_TOKENS)
 
 
 def pack_passes(blocks: list[Block], budget: int, batch_positions: int = 0) -> list[list[Block]]:

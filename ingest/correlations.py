@@ -34,12 +34,13 @@ from atlas.store import Store
 from atlas.store.schema import Dataset, Model, NeuronCorrelation
 from atlas.store.summaries import refresh_universality
 from ingest.correlation_consumer import CorrelationConsumer
-from ingest.correlation_plan import (KIND, Block, gram_bytes, model_pass_bytes, pack_passes, pair_blocks, pair_key,
-                                     same_step_pairs)
+from ingest.correlation_plan import (KIND, Block, flush_every, gram_bytes, model_pass_bytes, pack_passes, pair_blocks,
+                                     pair_key, same_step_pairs)
 from ingest.correlation_shards import SHARD_FORMAT, RunContext, combine_blocks, load_shard, save_shard, shard_path
 from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassModel, run_family_pass
-from ingest.options import ADDED_OPTION, RUN_OPTION, TARGET, DatasetName, DeviceName, ModelDtype, Overwrite
+from ingest.options import (ADDED_OPTION, RUN_OPTION, TARGET, CpusPerTask, DatasetName, DeviceName, ExecutorName,
+                            GpusPerTask, ModelDtype, Overwrite, RayAddress, ShardDir, TokenShards)
 from ingest.progress import show_result
 from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_unit, run_units, science_config
 
@@ -81,6 +82,12 @@ class CorrelationsConfig:
     """Checkpoint the accumulators every this many batches (0: never by count)."""
     checkpoint_seconds: Annotated[float, RUN_OPTION] = 300.0
     """... and at least this often in seconds (0: never by time)."""
+    token_shards: TokenShards = 1
+    executor: ExecutorName = "local"
+    ray_address: RayAddress = None
+    gpus_per_task: GpusPerTask = None
+    cpus_per_task: CpusPerTask = 1.0
+    shard_dir: ShardDir = None
     overwrite: Overwrite = False
 
 
@@ -107,6 +114,8 @@ def _check_options(config: CorrelationsConfig) -> int:
         raise AtlasError(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.tokens is not None and config.tokens < 1:
         raise AtlasError(f"--tokens must be at least 1, got {config.tokens}")
+    if config.token_shards < 1:
+        raise AtlasError(f"--token-shards must be at least 1, got {config.token_shards}")
     if config.precision not in PRECISIONS:
         raise AtlasError(f"--precision {config.precision!r} is not one of {', '.join(PRECISIONS)}")
     budget = parse_bytes(config.memory_budget)
@@ -190,7 +199,7 @@ def compute_pass(blocks: list[Block], context: RunContext) -> tuple[dict[JobKey,
         model.loaded.model.to(device)
     tokens = tokenize(dataset, loaded[0].loaded.tokenizer)
     n_rows = tokens.n_rows if config.tokens is None else tokens.rows_for_tokens(config.tokens)
-    consumer = CorrelationConsumer(blocks, device)
+    consumer = CorrelationConsumer(blocks, device, flush_every=flush_every(n_rows, config.batch_size, dataset.ctx_len))
     checkpoint = Checkpoint({
         "job": KIND, "format": SHARD_FORMAT, "config": context.config_hash,
         "units": [(b.a_id, b.b_id, b.a_start, b.a_stop, b.b_start, b.b_stop) for b in blocks],
@@ -257,7 +266,11 @@ def run(config: CorrelationsConfig, store: Store) -> None:
     if len(pending) < len(pairs):
         log.info(f"skipped {len(pairs) - len(pending)} of {len(pairs)} seed pairs: already done "
                  "with this config (use --overwrite to recompute)")
-    for units in pack_passes(to_compute, budget, batch_positions):
+    passes = pack_passes(to_compute, budget, batch_positions)
+    if config.token_shards > 1 or config.executor != "local":
+        run_token_shards(passes, context)
+        passes = []
+    for units in passes:
         checkpoints: list[Checkpoint] = []
 
         # Only the units this process claimed: another process may be computing the others.
@@ -290,3 +303,41 @@ def print_universal_fractions(store: Store, family: str, dataset: Dataset) -> No
         seeds = row["max_other_seeds"]
         show_result(f"universal {row['model']}: {row['n_universal']}/{row['n_neurons']} neurons ({100 * share:.2f}%) "
                     f"with excess_corr > {row['threshold']:g} against {seeds} other seed(s) on {dataset.name}")
+
+
+# -- token shards on an executor ---------------------------------------------------------------------
+
+def run_token_shards(passes: list[list[Block]], context: RunContext) -> None:
+    """Every pass cut into --token-shards units run on the executor (all passes' units at once, so a
+    cluster runs them side by side); then each pass's units merged into its blocks' rows, one transaction
+    per pass."""
+    from ingest.correlation_units import FinishPass, finish_pass, pass_units
+    from ingest.token_shards import delete_states, prepare_stream, run_pass_units, token_ranges, with_done_ids
+
+    config, dataset, store = context.config, context.dataset, context.store
+    if not passes:
+        return
+    stream = prepare_stream(config, dataset, context.models[passes[0][0].a_id])
+    executor, n_rows = stream.executor, stream.n_rows
+    flush = flush_every(n_rows, config.batch_size, dataset.ctx_len)
+    ranges = token_ranges(-(-n_rows // config.batch_size), config.token_shards, flush)
+    if len(ranges) < config.token_shards:
+        log.warning(f"--token-shards {config.token_shards}: the dataset has {len(ranges)} flush groups of "
+                    f"{flush} batch(es), so it runs as {len(ranges)} shards")
+    units = {index: pass_units(blocks, context, ranges, stream.tokens_dir, stream.directory, n_rows, flush)
+             for index, blocks in enumerate(passes)}
+    run_pass_units(store, [unit for pass_ in units.values() for unit in pass_], config, executor,
+                   f"correlations {dataset.name}")
+    for index, blocks in enumerate(passes):
+        def compute(claimed: list[JobKey], index: int = index) -> dict[JobKey, dict[str, np.ndarray]]:
+            task = FinishPass(tuple(with_done_ids(store, units[index], context.config_hash)), config.baseline_seed,
+                              config.device)
+            return {key: result for key, result in executor.call(finish_pass, task).items() if key in claimed}
+
+        def write(session: Session, results, job_ids: dict[JobKey, int], blocks: list[Block] = blocks):
+            return write_pass(session, [block for block in blocks if block.key in job_ids], results, job_ids, context)
+
+        ran = run_units(store, [block.key for block in blocks], config, compute, write, overwrite=True,
+                        label=f"correlations {dataset.name} ({len(blocks)} units, {len(ranges)} token shards)")
+        if ran:
+            delete_states(units[index])

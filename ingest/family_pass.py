@@ -48,7 +48,11 @@ class PassBatch:
 
 
 class Consumer(Protocol):
-    """Anything that accumulates over the pass and can save and restore its state exactly."""
+    """Anything that accumulates over the pass and can save and restore its state exactly.
+
+    Optional methods: prime(step) -> bool takes what the stream's first batch fixes (a shift) without
+    counting it, for a token shard that starts later; ready_to_checkpoint(next_batch) -> bool says where a
+    checkpoint keeps the state bit-identical to an uninterrupted pass (default: anywhere)."""
 
     def consume(self, step: PassBatch) -> None: ...
 
@@ -72,9 +76,16 @@ class Checkpoint:
         self.path = (directory or cache_dir("checkpoints")) / f"{self.key}.npz"
         self.every_batches, self.every_seconds = every_batches, every_seconds
         self._last_save = time.monotonic()
+        self._saved_at = 0  # the pass's next batch at the last save (or where this run started)
 
-    def due(self, batches_done_since_start: int) -> bool:
-        by_count = self.every_batches > 0 and batches_done_since_start % self.every_batches == 0
+    def begin(self, first_batch: int) -> None:
+        """The run feeds batches from first_batch on: count the batches for `due` from there."""
+        self._saved_at, self._last_save = first_batch, time.monotonic()
+
+    def due(self, next_batch: int) -> bool:
+        """A save is due once every_batches batches or every_seconds seconds have passed since the last one
+        (it stays due until saved: a consumer may ask to wait for its next boundary)."""
+        by_count = self.every_batches > 0 and next_batch - self._saved_at >= self.every_batches
         by_time = self.every_seconds > 0 and time.monotonic() - self._last_save >= self.every_seconds
         return by_count or by_time
 
@@ -89,6 +100,7 @@ class Checkpoint:
             os.fsync(handle.fileno())
         os.replace(staging, self.path)  # a kill mid-write leaves the previous checkpoint intact
         self._last_save = time.monotonic()
+        self._saved_at = next_batch
 
     def load(self, consumers: Mapping[str, Consumer]) -> int:
         """Restore the consumers; returns the batch to start from (0 without a checkpoint)."""
@@ -129,29 +141,55 @@ def run_family_pass(
     checkpoint: Checkpoint | None = None,
     device: str = "cpu",
     label: str = "pass",
+    batches: range | None = None,
+    show_progress: bool = True,
 ) -> None:
     """Feed every batch of the first n_rows rows, with every model's activations, to every consumer.
 
     stat_positions: "non_special" (exclude BOS/EOS/pad and every other special token) or "all"
     (every real token; padding is never a position).
+    batches: the indices of the batches to feed (a token shard of the pass; default: all of them). A
+    range that starts later first primes the consumers with the stream's first batch.
     """
     target = torch.device(device)
-    first_batch = checkpoint.load(consumers) if checkpoint else 0
-    n_tokens = int(dataset.lengths[:n_rows].sum())
-    done_tokens = int(dataset.lengths[: min(first_batch * batch_size, n_rows)].sum())
-    if first_batch:
+    n_batches = -(-n_rows // batch_size)
+    batches = range(n_batches) if batches is None else range(batches.start, min(batches.stop, n_batches))
+    restored = checkpoint.load(consumers) if checkpoint else 0
+    first_batch = max(batches.start, restored)
+    if first_batch == batches.start and batches.start > 0:
+        _prime(models, dataset, consumers, batch_size, n_rows, stat_positions, target)
+    rows = slice(batches.start * batch_size, min(batches.stop * batch_size, n_rows))
+    n_tokens = int(dataset.lengths[rows].sum())
+    done_tokens = int(dataset.lengths[rows.start: min(first_batch * batch_size, rows.stop)].sum())
+    if checkpoint is not None:
+        checkpoint.begin(first_batch)
+    if first_batch > batches.start:
         log.info(f"resuming {label} from its checkpoint: {done_tokens:,} of {n_tokens:,} tokens "
                  f"already done ({checkpoint.path})")
+    ready = [getattr(consumer, "ready_to_checkpoint", None) for consumer in consumers.values()]
     with progress_bar(RateColumn("tokens")) as bar:
-        task = bar.add_task(label, total=n_tokens, completed=done_tokens)
-        for offset, batch in enumerate(dataset.batches(batch_size, first_batch=first_batch, n_rows=n_rows)):
+        task = bar.add_task(label, total=n_tokens, completed=done_tokens, visible=show_progress)
+        stream = dataset.batches(batch_size, first_batch=first_batch, n_rows=min(rows.stop, n_rows))
+        for offset, batch in enumerate(stream):
             index = first_batch + offset
             step = _pass_batch(index, batch, models, dataset.ctx_len, stat_positions, target)
             for consumer in consumers.values():
                 consumer.consume(step)
             bar.advance(task, int(batch.lengths.sum()))
-            if checkpoint is not None and checkpoint.due(offset + 1):
+            if (checkpoint is not None and checkpoint.due(index + 1)
+                    and all(check(index + 1) for check in ready if check is not None)):
                 checkpoint.save(index + 1, consumers)
+
+
+def _prime(models: Sequence[PassModel], dataset: TokenizedDataset, consumers: Mapping[str, Consumer],
+           batch_size: int, n_rows: int, stat_positions: str, device: torch.device) -> None:
+    """Show the stream's first batches to the consumers that take a shift from them, until all have it."""
+    priming = [consumer for consumer in consumers.values() if hasattr(consumer, "prime")]
+    for index, batch in enumerate(dataset.batches(batch_size, n_rows=n_rows)):
+        if not priming:
+            return
+        step = _pass_batch(index, batch, models, dataset.ctx_len, stat_positions, device)
+        priming = [consumer for consumer in priming if not consumer.prime(step)]
 
 
 def _pass_batch(index: int, batch: Batch, models: Sequence[PassModel], ctx_len: int, stat_positions: str,

@@ -60,3 +60,20 @@ def hashed_values(config: object) -> dict[str, object]:
 
 def _markers(hint: object) -> tuple[HashMarker, ...]:
     return tuple(meta for meta in getattr(hint, "__metadata__", ()) if isinstance(meta, HashMarker))
+
+# Scale-out: the same options on every job that can cut its pass into token shards and run them on Ray.
+TokenShards = Annotated[int, RUN_OPTION, Doc(
+    "Cut the pass over the dataset into this many ranges of tokens, each a unit of work recorded in the ledger; "
+    "their states merge exactly into the rows one pass would give. With --executor ray they run in parallel.")]
+ExecutorName = Annotated[Literal["local", "ray"], RUN_OPTION, Doc(
+    "Where the units run: local (this process, one after another) or ray (a Ray task each, with retries; "
+    "pip install 'neuron-atlas[ray]').")]
+RayAddress = Annotated[str | None, RUN_OPTION, Doc(
+    "The Ray cluster to run on: auto (the one `ray start --head` started on this machine) or HOST:PORT of its "
+    "head; default: start Ray on this machine for this run.")]
+GpusPerTask = Annotated[float | None, RUN_OPTION, Doc(
+    "GPUs each Ray task takes (default: 1 when the cluster has GPUs, else 0).")]
+CpusPerTask = Annotated[float, RUN_OPTION, Doc("CPUs each Ray task takes (its torch threads follow it).")]
+ShardDir = Annotated[str | None, RUN_OPTION, Doc(
+    "Directory for the units' saved states and checkpoints, and a copy of the token rows: every worker and the "
+    "driver must reach it (a shared filesystem on a cluster of several machines). Default: the cache's shards/.")]

@@ -54,6 +54,9 @@ class CorrelationAccumulator:
     seed each layer's rotation so that blocked and unblocked runs give the same baseline.
     shift_a / shift_b: per-neuron shifts (mean estimates); default: the first batch's means.
     track_gram: keep the per-layer Gram matrices of B (needed by rotated_baseline_max only).
+    flush_tokens: add the float32 partial products into float64 every this many tokens; None: only when
+    the caller calls flush() (a caller that must group batches identically however the stream is cut,
+    e.g. into token shards that merge exactly, flushes at fixed batch indices).
     device: where the state lives and each batch is multiplied (the job's device); results and
     checkpoints are copied to the host, nothing else crosses.
     """
@@ -67,7 +70,7 @@ class CorrelationAccumulator:
         *,
         b_layers: Sequence[int] | None = None,
         track_gram: bool = True,
-        flush_tokens: int = DEFAULT_FLUSH_TOKENS,
+        flush_tokens: int | None = DEFAULT_FLUSH_TOKENS,
         device: Device = "cpu",
         precision: str = "float32",
     ) -> None:
@@ -178,7 +181,7 @@ class CorrelationAccumulator:
                 for pending, layer in zip(self._pending_grams, layers):
                     pending.addmm_(layer.T, layer)
         self._pending_tokens += ya.shape[0]
-        if self._pending_tokens >= self.flush_tokens:
+        if self.flush_tokens is not None and self._pending_tokens >= self.flush_tokens:
             self.flush()
 
     def flush(self) -> None:
@@ -270,7 +273,7 @@ class CorrelationAccumulator:
             "layer_sizes_b": np.array(self.layer_sizes_b, dtype=np.int64),
             "b_layers": np.array(self.b_layers, dtype=np.int64),
             "track_gram": np.array(self.track_gram),
-            "flush_tokens": np.array(self.flush_tokens, dtype=np.int64),
+            "flush_tokens": np.array(-1 if self.flush_tokens is None else self.flush_tokens, dtype=np.int64),
             "precision": np.array(self.precision),
             "shift_a": empty if self.shift_a is None else shared(self.shift_a),
             "shift_b": empty if self.shift_b is None else shared(self.shift_b),
@@ -301,7 +304,8 @@ class CorrelationAccumulator:
             int(np.asarray(state["cross"]).shape[0]), layer_sizes,
             shift_a if shift_a.size else None, shift_b if shift_b.size else None,
             b_layers=[int(l) for l in state["b_layers"]],
-            track_gram=bool(state["track_gram"]), flush_tokens=int(state["flush_tokens"]), device=device,
+            track_gram=bool(state["track_gram"]),
+            flush_tokens=None if int(state["flush_tokens"]) < 0 else int(state["flush_tokens"]), device=device,
             precision=str(state["precision"]) if "precision" in state else "float32",
         )
         accumulator.n = int(state["n"])
@@ -363,6 +367,31 @@ class ModelColumns:
     def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return reused_buffer(self._buffers, name, tuple(shape), self.device, self.work_dtype)
 
+    def prime(self, x: ArrayLike) -> bool:
+        """Take the shift from x (the stream's first non-empty batch) without counting it, as update would;
+        a token shard that starts later primes with the stream's first batch so that every shard shares
+        the shift and their sums merge by addition. Returns whether the shift is set."""
+        raw = as_tensor(x, self.device, self.work_dtype)
+        if self.shift is None and raw.shape[0]:
+            self.shift = raw.mean(dim=0, dtype=torch.float64).float()
+        return self.shift is not None
+
+    def merge(self, other: ModelColumns) -> None:
+        """Fold in the columns of another part of the stream (a token shard): sums add, extremes combine.
+        Both parts must have shifted by the same values (the stream's first batch)."""
+        if other.n == 0:
+            return
+        if self.shift is not None and not torch.equal(self.shift, other.shift.to(self.device)):
+            raise ValueError("cannot merge statistics taken with different shifts: prime every shard with the "
+                             "stream's first batch")
+        if self.shift is None:
+            self.shift = other.shift.to(self.device).clone()
+        self.n += other.n
+        self.sum += other.sum.to(self.device)
+        self.sumsq += other.sumsq.to(self.device)
+        torch.maximum(self.max, other.max.to(self.device), out=self.max)
+        torch.minimum(self.min, other.min.to(self.device), out=self.min)
+
     @staticmethod
     def estimate_bytes(n_features: int, batch_positions: int, precision: str = "float32") -> int:
         """The vectors, and the per-batch buffers (shifted, squares, rounded) of batch_positions rows."""
@@ -397,7 +426,7 @@ class SharedCorrelationAccumulator(CorrelationAccumulator):
 
     def __init__(self, model_a: ModelColumns, columns_a: slice, model_b: ModelColumns, columns_b: slice,
                  layer_sizes_b: Sequence[int], *, b_layers: Sequence[int] | None = None, track_gram: bool = True,
-                 flush_tokens: int = DEFAULT_FLUSH_TOKENS) -> None:
+                 flush_tokens: int | None = DEFAULT_FLUSH_TOKENS) -> None:
         self.model_a, self.columns_a, self.model_b, self.columns_b = model_a, columns_a, model_b, columns_b
         super().__init__(columns_a.stop - columns_a.start, layer_sizes_b, b_layers=b_layers, track_gram=track_gram,
                          flush_tokens=flush_tokens, device=model_a.device, precision=model_a.precision)
@@ -442,6 +471,15 @@ class SharedCorrelationAccumulator(CorrelationAccumulator):
     def load_products(self, state: dict[str, np.ndarray]) -> None:
         self.n = int(state["n"])
         self._load_products(state)
+
+    def merge_products(self, other: SharedCorrelationAccumulator) -> None:
+        """Add another token shard's products (its models' columns are merged by their owner)."""
+        self.flush()
+        other.flush()
+        self.cross += other.cross.to(self.device)
+        for gram, other_gram in zip(self.grams, other.grams, strict=True):
+            gram += other_gram.to(self.device)
+        self.n += other.n
 
 
 @contextlib.contextmanager

@@ -103,6 +103,18 @@ class StreamingTopK:
         else:  # the kept rows are full (k of them), so the merged ones fit in place
             self.values[:, columns], self.keys[:, columns], self.payload[:, :, columns] = best
 
+    def merge(self, other: StreamingTopK) -> None:
+        """Fold in the top-k of a LATER part of the stream (a later token shard: every key of `other` is larger
+        than this one's), exactly as if its batches had followed: merged in stream order, the result
+        equals the unsharded one entry for entry."""
+        if (other.n_features, other.payload_width) != (self.n_features, self.payload_width):
+            raise ValueError(f"cannot merge top-k of {other.n_features} features (payload {other.payload_width}) "
+                             f"into {self.n_features} (payload {self.payload_width})")
+        merged = _stable_descending(torch.cat([self.values, other.values.to(self.device)]),
+                                    torch.cat([self.keys, other.keys.to(self.device)]),
+                                    torch.cat([self.payload, other.payload.to(self.device)]))
+        self.values, self.keys, self.payload = (t[: self.k].contiguous() for t in merged)
+
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(values [m, F], keys [m, F], payload [m, W, F]), best first; m = min(k, items seen)."""
         return host(self.values), host(self.keys), host(self.payload)
