@@ -281,8 +281,13 @@ def unit_ready(store: Store, unit: PassUnit, hash_: str) -> bool:
     return ids is not None and load_state(Path(unit.state_path), ids) is not None
 
 
-def run_pass_units(store: Store, units: list[PassUnit], config: Any, executor: Executor, label: str) -> None:
+def run_pass_units(store: Store, units: list[PassUnit], config: Any, executor: Executor, label: str,
+                   work: Callable[[Any], int] = run_pass_unit) -> None:
     """Run the units that are not done (in the ledger, with their state file intact) on the executor.
+
+    work: what a worker does with a unit (default: a family pass over its batches); any frozen dataclass
+    with keys, job_ids, label, state_path and batches serves as a unit, its work saving its state with
+    save_state(state_path, ..., job_ids).
 
     The driver claims each unit's keys, keeps their heartbeat, and marks each unit done the moment its
     outcome arrives, so that a driver killed midway and rerun does only the units still missing. A
@@ -309,7 +314,7 @@ def run_pass_units(store: Store, units: list[PassUnit], config: Any, executor: E
         task = bar.add_task(f"{label}: {len(claimed)} unit(s) on {executor.name}", total=len(claimed))
         started = time.perf_counter()
         try:
-            for index, outcome in executor.map(run_pass_unit, claimed):
+            for index, outcome in executor.map(work, claimed):
                 unit = claimed[index]
                 if isinstance(outcome, BaseException):
                     _fail(store, list(unit.job_ids), outcome)
