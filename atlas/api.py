@@ -69,6 +69,11 @@ class Atlas:
         revision, tokenizer hash, atlas / torch / transformers versions. Result rows name their job_id."""
         return queries.jobs(self.engine, limit=limit, status=status, kind=kind)
 
+    def token_shard_units(self) -> pd.DataFrame:
+        """Progress of jobs cut into token shards (--token-shards, local or on Ray): per job kind, dataset and
+        shard count, the units' ledger rows done, running, failed and abandoned."""
+        return queries.token_shard_units(self.engine)
+
     # --- neurons, correlations, layers -----------------------------------------------------------
 
     def neurons(self, family: str | None = None, model: str | None = None, universal: bool | None = None,

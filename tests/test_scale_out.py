@@ -206,7 +206,8 @@ def token_shard_jobs(store, kind: str) -> list[Job]:
                                     .order_by(Job.id)))
 
 
-def test_local_token_shards_equal_the_unsharded_run(store, db_url, tiny_family, docs_file, isolated_cache):
+def test_local_token_shards_equal_the_unsharded_run(store, db_url, tiny_family, docs_file, isolated_cache,
+                                                    monkeypatch):
     setup_family(store, db_url, tiny_family, docs_file)
     common = ["--family", "tiny", "--dataset", "docs", "--batch-size", str(BATCH), "--device", "cpu"]
     cli(db_url, "ingest", "correlations", *common)
@@ -222,6 +223,21 @@ def test_local_token_shards_equal_the_unsharded_run(store, db_url, tiny_family, 
     assert sorted(job.shard for job in corr_units) == sorted(f"t{i}/{SHARDS}" for i in range(SHARDS) for _ in range(3))
     assert all(job.status == "done" for job in corr_units) and len(token_shard_jobs(store, "activations")) == 3 * SHARDS
     assert not list((isolated_cache / "shards").rglob("*.npz"))
+    shown_in_the_api_and_the_app(db_url, monkeypatch)
+
+
+def shown_in_the_api_and_the_app(db_url: str, monkeypatch) -> None:
+    """The units' progress as the Python API and the Overview page show it."""
+    import atlas
+    from tests.test_app import _app, _open
+
+    units = atlas.open(db_url).token_shard_units().set_index("kind")
+    assert units.loc["correlations", ["token_shards", "done", "running", "total"]].tolist() == [SHARDS, 12, 0, 12]
+    assert units.loc["activations", ["token_shards", "done", "total"]].tolist() == [SHARDS, 12, 12]
+    app = _open(_app(db_url, monkeypatch), "app_pages/overview.py")
+    assert "Token-shard units" in [header.value for header in app.subheader]
+    shown = [frame.value for frame in app.dataframe if "token_shards" in frame.value.columns]
+    assert len(shown) == 1 and shown[0]["progress"].tolist() == [1.0, 1.0]
 
 
 # -- on Ray ------------------------------------------------------------------------------------------

@@ -82,6 +82,20 @@ def _show_jobs(engine) -> None:
         jobs, hide_index=True,
         column_config={"duration_s": st.column_config.NumberColumn("duration (s)", format="%.1f")},
     )
+    _show_token_shards(engine)
+
+
+def _show_token_shards(engine) -> None:
+    """Jobs cut into token shards (locally or on a Ray cluster): how far their units are."""
+    units = queries.token_shard_units(engine)
+    if units.empty:
+        return
+    st.subheader("Token-shard units")
+    st.caption("Jobs run with --token-shards (and --executor ray): each unit is a range of the dataset's batches; "
+               "its rows are written once all of a pass's units are done. Rerun a job to do the missing units.")
+    units = units.assign(progress=units["done"] / units["total"])
+    st.dataframe(units, hide_index=True, column_config={
+        "progress": st.column_config.ProgressColumn("done", min_value=0.0, max_value=1.0, format="percent")})
 
 
 render()

@@ -161,6 +161,29 @@ def jobs(engine: Engine, limit: int = 500, status: str | None = None, kind: str 
     return frame
 
 
+UNIT_STATUSES = ("done", "running", "failed", "abandoned")
+
+
+def token_shard_units(engine: Engine) -> pd.DataFrame:
+    """Progress of the token-shard units (--token-shards) per job kind, dataset and shard count: how many of
+    the units' ledger rows are done, running, failed or abandoned (a unit has one row per target it serves,
+    e.g. per seed pair of its pass), newest runs first."""
+    frame = _frame(engine, """
+        SELECT j.kind, d.name AS dataset, j.shard, j.status, j.id
+        FROM jobs j LEFT JOIN datasets d ON d.id = j.dataset_id
+        WHERE j.shard LIKE '%t%/%' AND j.status IN ('done', 'running', 'failed', 'abandoned')""")
+    columns = ["kind", "dataset", "token_shards", *UNIT_STATUSES, "total", "last_job"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    frame["token_shards"] = frame["shard"].str.extract(r"t\d+/(\d+)$", expand=False).astype(int)
+    keys = ["kind", "dataset", "token_shards"]
+    counts = frame.pivot_table(index=keys, columns="status", values="id", aggfunc="count", fill_value=0)
+    counts = counts.reindex(columns=list(UNIT_STATUSES), fill_value=0)
+    counts["total"] = counts.sum(axis=1)
+    counts["last_job"] = frame.groupby(keys)["id"].max()
+    return counts.reset_index().sort_values("last_job", ascending=False)[columns].reset_index(drop=True)
+
+
 def job_status_counts(engine: Engine) -> pd.DataFrame:
     return _frame(engine, "SELECT kind, status, COUNT(*) AS n_jobs FROM jobs GROUP BY kind, status ORDER BY kind, status")
 
