@@ -309,10 +309,11 @@ def print_universal_fractions(store: Store, family: str, dataset: Dataset) -> No
 
 def run_token_shards(passes: list[list[Block]], context: RunContext) -> None:
     """Every pass cut into --token-shards units run on the executor (all passes' units at once, so a
-    cluster runs them side by side); then each pass's units merged into its blocks' rows, one transaction
-    per pass."""
+    cluster runs them side by side); each pass's units are merged into its blocks' rows (one transaction per
+    pass) as soon as they are all done, so that their states leave the shard directory early."""
     from ingest.correlation_units import FinishPass, finish_pass, pass_units
-    from ingest.token_shards import delete_states, prepare_stream, run_pass_units, token_ranges, with_done_ids
+    from ingest.token_shards import (delete_states, done_job_ids, prepare_stream, run_pass_units, token_ranges,
+                                     with_done_ids)
 
     config, dataset, store = context.config, context.dataset, context.store
     if not passes:
@@ -324,20 +325,40 @@ def run_token_shards(passes: list[list[Block]], context: RunContext) -> None:
     if len(ranges) < config.token_shards:
         log.warning(f"--token-shards {config.token_shards}: the dataset has {len(ranges)} flush groups of "
                     f"{flush} batch(es), so it runs as {len(ranges)} shards")
-    units = {index: pass_units(blocks, context, ranges, stream.tokens_dir, stream.directory, n_rows, flush)
-             for index, blocks in enumerate(passes)}
-    run_pass_units(store, [unit for pass_ in units.values() for unit in pass_], config, executor,
-                   f"correlations {dataset.name}")
-    for index, blocks in enumerate(passes):
-        def compute(claimed: list[JobKey], index: int = index) -> dict[JobKey, dict[str, np.ndarray]]:
-            task = FinishPass(tuple(with_done_ids(store, units[index], context.config_hash)), config.baseline_seed,
-                              config.device)
-            return {key: result for key, result in executor.call(finish_pass, task).items() if key in claimed}
+    units = [pass_units(blocks, context, ranges, stream.tokens_dir, stream.directory, n_rows, flush)
+             for blocks in passes]
+    pass_of = {unit.state_path: index for index, pass_ in enumerate(units) for unit in pass_}
+    finished: set[int] = set()
 
-        def write(session: Session, results, job_ids: dict[JobKey, int], blocks: list[Block] = blocks):
+    def finish(index: int) -> None:
+        """Merge the pass's units (on the executor) and write its blocks' rows."""
+        finished.add(index)
+        blocks = passes[index]
+
+        def compute(claimed: list[JobKey]) -> dict[JobKey, dict[str, np.ndarray]]:
+            # On Ray the merge takes a CPU slot: on a GPU it would queue behind every unit still waiting.
+            on_ray = executor.name == "ray"
+            task = FinishPass(tuple(with_done_ids(store, units[index], context.config_hash)), config.baseline_seed,
+                              "cpu" if on_ray else config.device)
+            results = executor.call(finish_pass, task, gpus=0 if on_ray else None)
+            return {key: result for key, result in results.items() if key in claimed}
+
+        def write(session: Session, results, job_ids: dict[JobKey, int]):
             return write_pass(session, [block for block in blocks if block.key in job_ids], results, job_ids, context)
 
         ran = run_units(store, [block.key for block in blocks], config, compute, write, overwrite=True,
                         label=f"correlations {dataset.name} ({len(blocks)} units, {len(ranges)} token shards)")
         if ran:
             delete_states(units[index])
+
+    def after_unit(unit) -> None:
+        index = pass_of[unit.state_path]
+        if index not in finished and all(done_job_ids(store, other, context.config_hash) is not None
+                                         for other in units[index]):
+            finish(index)
+
+    run_pass_units(store, [unit for pass_ in units for unit in pass_], config, executor,
+                   f"correlations {dataset.name}", after_unit=after_unit)
+    for index in range(len(passes)):  # passes whose units were done before this run
+        if index not in finished:
+            finish(index)

@@ -27,7 +27,7 @@ class Executor(Protocol):
 
     def map(self, function: Callable[[Any], Any], units: Sequence[Any]) -> Iterator[Outcome]: ...
 
-    def call(self, function: Callable[[Any], Any], unit: Any) -> Any: ...
+    def call(self, function: Callable[[Any], Any], unit: Any, gpus: float | None = None) -> Any: ...
 
 
 class LocalExecutor:
@@ -44,7 +44,7 @@ class LocalExecutor:
             else:
                 yield index, result
 
-    def call(self, function: Callable[[Any], Any], unit: Any) -> Any:
+    def call(self, function: Callable[[Any], Any], unit: Any, gpus: float | None = None) -> Any:
         return function(unit)
 
 
@@ -77,12 +77,13 @@ class RayExecutor:
         log.info(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {cluster_gpus:g} GPUs; "
                  f"{self.cpus_per_task:g} CPU and {self.gpus_per_task:g} GPU per task")
 
-    def _remote(self, function: Callable[[Any], Any]):
-        return self.ray.remote(function).options(num_cpus=self.cpus_per_task, num_gpus=self.gpus_per_task,
+    def _remote(self, function: Callable[[Any], Any], gpus: float | None = None):
+        return self.ray.remote(function).options(num_cpus=self.cpus_per_task,
+                                                 num_gpus=self.gpus_per_task if gpus is None else gpus,
                                                  max_retries=self.max_retries, retry_exceptions=False)
 
-    def map(self, function: Callable[[Any], Any], units: Sequence[Any]) -> Iterator[Outcome]:
-        remote = self._remote(function)
+    def map(self, function: Callable[[Any], Any], units: Sequence[Any], gpus: float | None = None) -> Iterator[Outcome]:
+        remote = self._remote(function, gpus)
         pending = {remote.remote(unit): index for index, unit in enumerate(units)}
         try:
             while pending:
@@ -106,8 +107,10 @@ class RayExecutor:
             return AtlasError(f"the Ray task failed {self.max_retries + 1} times ({type(error).__name__}: "
                               f"{first_line(error)}): rerun the job, which skips the units already done")
 
-    def call(self, function: Callable[[Any], Any], unit: Any) -> Any:
-        ((_, outcome),) = list(self.map(function, [unit]))
+    def call(self, function: Callable[[Any], Any], unit: Any, gpus: float | None = None) -> Any:
+        """One task, waited for; gpus overrides --gpus-per-task (0: a CPU slot, which never queues behind
+        the GPU units still waiting)."""
+        ((_, outcome),) = list(self.map(function, [unit], gpus))
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome

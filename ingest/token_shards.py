@@ -257,6 +257,18 @@ def save_state(path: Path, state: dict[str, np.ndarray], job_ids: Sequence[int])
     os.replace(staging, path)
 
 
+def has_state(path: Path, job_ids: Sequence[int]) -> bool:
+    """Whether the unit's state file is there and was written for these jobs (reads only the stamp: a state
+    can be many GB)."""
+    if not path.exists():
+        return False
+    try:
+        with np.load(path) as saved:
+            return saved["__job_ids__"].tolist() == sorted(job_ids)
+    except (OSError, ValueError, KeyError):  # a truncated or foreign file: compute the unit again
+        return False
+
+
 def load_state(path: Path, job_ids: Sequence[int]) -> dict[str, np.ndarray] | None:
     """A unit's saved state, or None when it is missing or was written for other jobs."""
     if not path.exists():
@@ -278,11 +290,12 @@ def done_job_ids(store: Store, unit: PassUnit, hash_: str) -> list[int] | None:
 
 def unit_ready(store: Store, unit: PassUnit, hash_: str) -> bool:
     ids = done_job_ids(store, unit, hash_)
-    return ids is not None and load_state(Path(unit.state_path), ids) is not None
+    return ids is not None and has_state(Path(unit.state_path), ids)
 
 
 def run_pass_units(store: Store, units: list[PassUnit], config: Any, executor: Executor, label: str,
-                   work: Callable[[Any], int] = run_pass_unit) -> None:
+                   work: Callable[[Any], int] = run_pass_unit,
+                   after_unit: Callable[[Any], None] | None = None) -> None:
     """Run the units that are not done (in the ledger, with their state file intact) on the executor.
 
     work: what a worker does with a unit (default: a family pass over its batches); any frozen dataclass
@@ -321,6 +334,8 @@ def run_pass_units(store: Store, units: list[PassUnit], config: Any, executor: E
                     errors.append(f"{unit.label}: {first_line(outcome)}")
                 else:
                     _mark_done(store, unit)
+                    if after_unit is not None:
+                        after_unit(unit)
                 bar.advance(task)
         except BaseException as error:  # Ctrl-C or a lost cluster: the units not reported did not finish
             _fail(store, [job_id for unit in claimed for job_id in unit.job_ids], error)
