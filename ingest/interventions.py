@@ -10,6 +10,7 @@ logits are never kept past the batch. One row per intervention plus the unmodifi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,8 @@ from atlas.devices import model_dtype, resolve_device
 from atlas.metrics.layers import MeanAccumulator, next_token_metrics
 from atlas.store import Store
 from atlas.store.schema import Dataset, LayerIntervention, Model
-from ingest.next_token import NextTokenConfig, open_tokens, require_positions, run_per_model, scored_batches
+from ingest.next_token import (ShardedMeasure, ShardedNextTokenConfig, open_tokens, require_positions, run_per_model,
+                               scored_batches)
 from ingest.runner import replace_rows
 
 KIND = "interventions"
@@ -28,7 +30,7 @@ NONE = ("none", None)
 
 
 @dataclass
-class InterventionsConfig(NextTokenConfig):
+class InterventionsConfig(ShardedNextTokenConfig):
     """KL to the unmodified model, top-1 agreement, accuracy (and retention), loss and entropy after
     deleting each layer and swapping each adjacent pair."""
 
@@ -104,9 +106,17 @@ def compute(model_row: Model, dataset: Dataset, config: InterventionsConfig) -> 
     batches = scored_batches(token_rows, n_rows, loaded, batch_size=config.batch_size,
                              exclude_special_tokens=config.exclude_special_tokens, device=device,
                              label=f"interventions {model_row.name}")
-    sums = measure(loaded, batches, model_row.n_layers)
+    return finish(measure(loaded, batches, model_row.n_layers), model_row, dataset)
+
+
+def finish(sums: MeanAccumulator, model_row: Model, dataset: Dataset) -> dict[str, list[Any]]:
     require_positions(sums.count(NONE, "loss"), dataset)
     return rows(sums, model_row.n_layers)
+
+
+def shard_measure(model_row: Model):
+    """What a token shard's worker runs on this model (picklable)."""
+    return functools.partial(measure, n_layers=model_row.n_layers)
 
 
 def write(session: Session, model_id: int, dataset_id: int, columns: dict[str, list[Any]], job_id: int) -> int:
@@ -115,4 +125,4 @@ def write(session: Session, model_id: int, dataset_id: int, columns: dict[str, l
 
 
 def run(config: InterventionsConfig, store: Store) -> None:
-    run_per_model(KIND, config, store, compute, write)
+    run_per_model(KIND, config, store, compute, write, ShardedMeasure(shard_measure, finish))

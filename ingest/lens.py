@@ -24,14 +24,15 @@ from atlas.metrics.layers import (PREVIOUS_TOKENS_WINDOW, MeanAccumulator, next_
                                   previous_token_attention, write_norms)
 from atlas.store import Store
 from atlas.store.schema import Dataset, LayerStat, LogitLens, Model
-from ingest.next_token import NextTokenConfig, open_tokens, require_positions, run_per_model, scored_batches
+from ingest.next_token import (ShardedMeasure, ShardedNextTokenConfig, open_tokens, require_positions, run_per_model,
+                               scored_batches)
 from ingest.runner import replace_rows
 
 KIND = "lens"
 
 
 @dataclass
-class LensConfig(NextTokenConfig):
+class LensConfig(ShardedNextTokenConfig):
     """Logit lens (KL to the final distribution, entropy, top-1 agreement, accuracy) at every residual
     state, and per layer the attention to the previous five tokens and the sub-layer write norms."""
 
@@ -99,9 +100,17 @@ def compute(model_row: Model, dataset: Dataset, config: LensConfig) -> LensResul
     batches = scored_batches(token_rows, n_rows, loaded, batch_size=config.batch_size,
                              exclude_special_tokens=config.exclude_special_tokens, device=device,
                              label=f"lens {model_row.name}")
-    sums = measure(loaded, batches)
+    return finish(measure(loaded, batches), model_row, dataset)
+
+
+def finish(sums: MeanAccumulator, model_row: Model, dataset: Dataset) -> LensResults:
     require_positions(sums.count(("lens", 0), "loss"), dataset)
     return results(sums, model_row.n_layers)
+
+
+def shard_measure(model_row: Model):
+    """What a token shard's worker runs on this model (picklable)."""
+    return measure
 
 
 def write(session: Session, model_id: int, dataset_id: int, result: LensResults, job_id: int) -> int:
@@ -111,4 +120,5 @@ def write(session: Session, model_id: int, dataset_id: int, result: LensResults,
 
 
 def run(config: LensConfig, store: Store) -> None:
-    run_per_model(KIND, config, store, compute, write)
+    run_per_model(KIND, config, store, compute, write,
+                  ShardedMeasure(shard_measure, finish, attn_implementation="eager"))

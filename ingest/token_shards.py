@@ -188,25 +188,31 @@ def state_path(directory: Path, kind: str, identity: dict[str, Any]) -> Path:
     return folder / f"{stable_hash({'format': STATE_FORMAT, **identity}, length=32)}.npz"
 
 
+def load_checked(spec: ModelSpec, dtype: str, device: torch.device, attn_implementation: str | None = None) -> Any:
+    """Load a unit's model on a worker, on its device, refusing weights other than the registered ones (a
+    worker on another machine may hold other files at the same path)."""
+    from atlas.devices import model_dtype
+    from atlas.modeling import load_model, loaded_weight_files
+    from atlas.provenance import scan_weights
+
+    loaded = load_model(spec.source, spec.revision, dtype=model_dtype(dtype), attn_implementation=attn_implementation)
+    actual = scan_weights(loaded_weight_files(loaded)).weights_hash
+    if spec.weights_hash and actual != spec.weights_hash:
+        raise AtlasError(f"the weights of model {spec.name!r} at {spec.source} on this worker differ from the "
+                         f"registered ones (sha256 {spec.weights_hash[:12]}, here {actual[:12]}): give every "
+                         "worker the same files")
+    loaded.model.to(device)
+    return loaded
+
+
 def run_pass_unit(unit: PassUnit) -> int:
     """Run one unit (on a worker, or in the driver's process): returns the tokens it fed. The state file is
     replaced atomically at the end; a killed run resumes from its checkpoint in the shard directory."""
     from atlas.data import TokenizedDataset
-    from atlas.devices import model_dtype, resolve_device
-    from atlas.modeling import load_model, loaded_weight_files
-    from atlas.provenance import scan_weights
+    from atlas.devices import resolve_device
 
     device = resolve_device(unit.device)
-    models = []
-    for spec in unit.models:
-        loaded = load_model(spec.source, spec.revision, dtype=model_dtype(unit.dtype))
-        actual = scan_weights(loaded_weight_files(loaded)).weights_hash
-        if spec.weights_hash and actual != spec.weights_hash:
-            raise AtlasError(f"the weights of model {spec.name!r} at {spec.source} on this worker differ from the "
-                             f"registered ones (sha256 {spec.weights_hash[:12]}, here {actual[:12]}): give every "
-                             "worker the same files")
-        loaded.model.to(device)
-        models.append(PassModel(spec.model_id, loaded))
+    models = [PassModel(spec.model_id, load_checked(spec, unit.dtype, device)) for spec in unit.models]
     tokens = TokenizedDataset(Path(unit.tokens_dir), from_cache=True)
     consumer = unit.make_consumer(device)
     path = Path(unit.state_path)
@@ -300,7 +306,8 @@ def run_pass_units(store: Store, units: list[PassUnit], config: Any, executor: E
 
     work: what a worker does with a unit (default: a family pass over its batches); any frozen dataclass
     with keys, job_ids, label, state_path and batches serves as a unit, its work saving its state with
-    save_state(state_path, ..., job_ids).
+    save_state(state_path, ..., job_ids); merge_states then needs its make_consumer(device), an empty
+    state with load_state_dict and merge.
 
     The driver claims each unit's keys, keeps their heartbeat, and marks each unit done the moment its
     outcome arrives, so that a driver killed midway and rerun does only the units still missing. A

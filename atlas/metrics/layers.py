@@ -8,6 +8,7 @@ many batches into means that equal the mean over their concatenation.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from typing import Mapping
@@ -100,3 +101,48 @@ class MeanAccumulator:
     def mean(self, group: object, name: str) -> float:
         count = self.count(group, name)
         return self._sums[group, name] / count if count else math.nan
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The sums (float64) and counts (int64) as arrays, each (group, name) key as JSON (a tuple written
+        as a list, restored as a tuple on load): saved and loaded back, the accumulator is the same."""
+        keys = list(self._sums)
+        encoded = []
+        for key in keys:
+            try:
+                text = json.dumps(key, default=_json_scalar)
+            except TypeError:
+                text = "null"
+            if _json_key(text) != key:
+                raise ValueError(f"MeanAccumulator key {key!r} does not survive JSON: use str, int, float, bool, "
+                                 "None and tuples of them")
+            encoded.append(text)
+        return {"keys": np.array(encoded, dtype=np.str_),
+                "sums": np.array([self._sums[key] for key in keys], dtype=np.float64),
+                "counts": np.array([self._counts[key] for key in keys], dtype=np.int64)}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the sums and counts with a state_dict's."""
+        self._sums, self._counts = defaultdict(float), defaultdict(int)
+        for text, total, count in zip(np.asarray(state["keys"]).tolist(), np.asarray(state["sums"]).tolist(),
+                                      np.asarray(state["counts"]).tolist(), strict=True):
+            key = _json_key(text)
+            self._sums[key], self._counts[key] = float(total), int(count)
+
+    def merge(self, other: MeanAccumulator) -> None:
+        """Fold in the sums and counts of other positions (another range of batches): sums and counts add."""
+        for key, total in other._sums.items():
+            self._sums[key] += total
+            self._counts[key] += other._counts[key]
+
+
+def _json_scalar(value: object) -> object:
+    """numpy scalars in a key, as the Python values they equal (and hash like)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _json_key(text: str) -> object:
+    def tupled(value: object) -> object:
+        return tuple(tupled(item) for item in value) if isinstance(value, list) else value
+    return tupled(json.loads(text))
