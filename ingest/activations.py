@@ -32,7 +32,7 @@ from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassBatch, PassModel, run_family_pass
 from ingest.options import (RUN_OPTION, CpusPerTask, DatasetName, DeviceName, ExecutorName, FamilyName, GpusPerTask,
                             ModelDtype, ModelName, Overwrite, RayAddress, ShardDir, TokenShards)
-from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_units, science_config
+from ingest.runner import JobKey, config_hash, replace_rows, run_units, science_config
 
 KIND = "activations"
 log = logging.getLogger(__name__)
@@ -279,17 +279,12 @@ def run(config: ActivationsConfig, store: Store) -> None:
 def run_token_shards(models: list[Model], dataset: Dataset, config: ActivationsConfig, store: Store) -> None:
     """One unit per (model, token range) on the executor; then each model's units merged in stream order
     (Chan/Pebay moments, top-k by merge) into its rows, one transaction for the models done."""
-    from ingest.token_shards import (PassUnit, delete_states, merge_states, model_spec, prepare_stream,
-                                     run_pass_units, shard_label, state_path, token_ranges, unit_key,
+    from ingest.token_shards import (PassUnit, delete_states, merge_states, model_spec, pending_models,
+                                     prepare_stream, run_pass_units, shard_label, state_path, token_ranges, unit_key,
                                      with_done_ids)
 
     hash_ = config_hash(science_config(config))
-    keys = {m.id: JobKey(KIND, model_id=m.id, dataset_id=dataset.id) for m in models}
-    with store.session() as session:
-        pending = [m for m in models if config.overwrite or find_done(session, keys[m.id], hash_) is None]
-    if len(pending) < len(models):
-        log.info(f"skipped activations of {len(models) - len(pending)} of {len(models)} models: already done "
-                 "with this config (use --overwrite to recompute)")
+    keys, pending = pending_models(store, KIND, models, dataset, config)
     if not pending:
         return
     stream = prepare_stream(config, dataset, pending[0])

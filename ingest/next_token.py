@@ -35,7 +35,7 @@ from ingest.datasets import check_dataset, check_tokens, tokenize
 from ingest.options import (RUN_OPTION, CpusPerTask, DatasetName, DeviceName, ExecutorName, FamilyName, GpusPerTask,
                             ModelDtype, ModelName, Overwrite, RayAddress, ShardDir, TokenShards)
 from ingest.progress import RateColumn, progress_bar
-from ingest.runner import JobKey, config_hash, find_done, run_unit, science_config
+from ingest.runner import JobKey, config_hash, run_unit, science_config
 
 if TYPE_CHECKING:  # transformers is slow to import: the CLI imports this module at start-up
     from atlas.modeling import LoadedModel
@@ -231,16 +231,12 @@ def run_token_shards(kind: str, config: Any, store: Store, models: list[Model], 
     units' states merged in stream order into its rows, written through run_unit (one transaction each)."""
     from atlas.modeling import load_tokenizer
     from ingest.executors import make_executor
-    from ingest.token_shards import (delete_states, merge_states, model_spec, run_pass_units, shard_directory,
-                                     shard_label, shared_tokens, state_path, token_ranges, unit_key, with_done_ids)
+    from ingest.token_shards import (delete_states, merge_states, model_spec, pending_models, run_pass_units,
+                                     shard_directory, shard_label, shared_tokens, state_path, token_ranges, unit_key,
+                                     with_done_ids)
 
     hash_ = config_hash(science_config(config))
-    keys = {m.id: JobKey(kind, model_id=m.id, dataset_id=dataset.id) for m in models}
-    with store.session() as session:
-        pending = [m for m in models if config.overwrite or find_done(session, keys[m.id], hash_) is None]
-    if len(pending) < len(models):
-        log.info(f"skipped {kind} of {len(models) - len(pending)} of {len(models)} models: already done with this "
-                 "config (use --overwrite to recompute)")
+    keys, pending = pending_models(store, kind, models, dataset, config)
     if not pending:
         return
     executor = make_executor(config.executor, config.ray_address, config.gpus_per_task, config.cpus_per_task)

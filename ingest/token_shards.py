@@ -287,6 +287,20 @@ def load_state(path: Path, job_ids: Sequence[int]) -> dict[str, np.ndarray] | No
 
 # -- the driver ------------------------------------------------------------------------------------
 
+def pending_models(store: Store, kind: str, models: list[Any], dataset: Any, config: Any
+                   ) -> tuple[dict[int, JobKey], list[Any]]:
+    """Each model's ledger key for a per-model job on the dataset, and the models without results for this
+    config (all of them with --overwrite); says how many are skipped."""
+    hash_ = config_hash(science_config(config))
+    keys = {m.id: JobKey(kind, model_id=m.id, dataset_id=dataset.id) for m in models}
+    with store.session() as session:
+        pending = [m for m in models if config.overwrite or find_done(session, keys[m.id], hash_) is None]
+    if len(pending) < len(models):
+        log.info(f"skipped {kind} of {len(models) - len(pending)} of {len(models)} models: already done with this "
+                 "config (use --overwrite to recompute)")
+    return keys, pending
+
+
 def done_job_ids(store: Store, unit: PassUnit, hash_: str) -> list[int] | None:
     """The done jobs of all the unit's keys, or None while one of them is not done."""
     with store.session() as session:
