@@ -392,6 +392,10 @@ def train_seeds(
     vocab_size: int = typer.Option(4096, "--vocab-size", help="Size of the family's byte-level BPE."),
     text_bytes: int = typer.Option(16_000_000, "--text-bytes", help="Read the dataset's documents up to this many bytes."),
     out_dir: str = typer.Option("atlas-models", "--out", help="Folder for FAMILY/seed-S model directories."),
+    device: str = typer.Option("auto", "--device",
+                               help="Torch device to train on: auto (cuda if available, else mps, else cpu), cpu, "
+                                    "cuda, cuda:N or mps. On the CPU a seed repeats bit for bit; on a GPU it trains "
+                                    "faster but need not. Recorded with each training run."),
     db: Optional[str] = DbOption,
 ) -> None:
     """Train one GPT-2 per seed on a registered dataset (shared tokenizer), register them, store the curves."""
@@ -402,7 +406,7 @@ def train_seeds(
                         batch_size=batch_size, lr=lr, max_seconds=max_seconds or None,
                         checkpoints=checkpoint_steps(checkpoints, steps) if checkpoints.strip() else ())
     config = TrainSeedsConfig(family=family, dataset=dataset, seeds=parse_seeds(seeds, ctx.args), train=train,
-                              vocab_size=vocab_size, text_bytes=text_bytes, out=out_dir)
+                              vocab_size=vocab_size, text_bytes=text_bytes, out=out_dir, device=device)
     for outcome in run(config, open_store(db)):
         verb = "reused" if outcome.reused else "trained"
         bar = f" (unigram entropy {outcome.unigram_entropy:.3f})" if outcome.unigram_entropy is not None else ""
@@ -418,11 +422,14 @@ def demo(
                                     "6.7x the training with checkpoints at 10/25/50% (universality over training). "
                                     "Each preset is its own family, so they do not overwrite each other."),
     quick: bool = typer.Option(False, "--quick", help="Same as --preset quick."),
+    device: str = typer.Option("auto", "--device",
+                               help="Torch device for the training and the ingest jobs: auto (cuda if available, "
+                                    "else mps, else cpu), cpu, cuda, cuda:N or mps. The --preset times are the CPU's."),
 ) -> None:
     """Train a 3-seed family on builtin:docstrings, run every ingest job, print a summary (<= 10 min on 2 cores)."""
     from ingest.demo import DemoConfig, preset_config, run
 
-    config = preset_config("quick" if quick else preset, DemoConfig(out=out_dir))
+    config = preset_config("quick" if quick else preset, DemoConfig(out=out_dir, device=device))
     run(config, open_store(db), console=out)
 
 

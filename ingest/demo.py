@@ -4,7 +4,9 @@ Steps: register the text as dataset `docs`; train (or reuse) one GPT-2 per seed;
 family's held-out documents as the analysis dataset (text no seed trained on); run every ingest job
 (weights, activations, correlations, interventions, lens, labels, entropy, attention roles, heads) and
 the prediction-ensembling study through their run(config, store); print a summary and the functional
-roles read back from the database (SQL over the views), and the command that opens the app.
+roles read back from the database (SQL over the views), and the command that opens the app. One
+`device` (auto: cuda if available, else mps, else cpu) serves the training and every ingest job but
+the weights job, which reads weights only.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class DemoConfig:
     universal_threshold: float = 0.5       # the paper's; stored with the correlations
     report_threshold: float = 0.3          # a lower bar the summary also counts, named as such
     out: str = "atlas-models"
+    device: str = "auto"                   # the training's and the ingest jobs' torch device (see above)
 
     @property
     def analysis_dataset(self) -> str:
@@ -74,9 +77,9 @@ def quick_config(config: DemoConfig) -> DemoConfig:
 
 
 def long_config(config: DemoConfig) -> DemoConfig:
-    """--preset long (about an hour on 2 CPU cores, minutes on a GPU): 6.7x the default training, with
-    checkpoints at 10%, 25% and 50% of it, so universality_by_step shows when universal neurons appear;
-    twice the analysis tokens (a separate family)."""
+    """--preset long (about an hour on 2 CPU cores; on a GPU, --device auto or cuda trains it there): 6.7x
+    the default training, with checkpoints at 10%, 25% and 50% of it, so universality_by_step shows when
+    universal neurons appear; twice the analysis tokens (a separate family)."""
     steps = 6000
     return replace(config, family=f"{config.family}-long", analysis_tokens=100_000, layer_tokens=20_000,
                    train=replace(config.train, steps=steps, eval_every=500,
@@ -102,12 +105,15 @@ def run(config: DemoConfig, store: Store, console: Console | None = None) -> dic
     """Run the whole demo; returns the seconds per stage. The summary is printed from the database."""
     from transformers.utils import logging as transformers_logging
 
+    from atlas.devices import resolve_device
+
     transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model load drowns the stages
     console = console or Console()
     seconds: dict[str, float] = {}
+    log.info(f"device: {resolve_device(config.device)}")  # a device this machine lacks fails before any stage
     seeds_config = TrainSeedsConfig(family=config.family, dataset=config.dataset, seeds=config.seeds,
                                     train=config.train, vocab_size=config.vocab_size,
-                                    text_bytes=config.text_bytes, out=config.out)
+                                    text_bytes=config.text_bytes, out=config.out, device=config.device)
 
     def stage(name: str, action: Callable[[], Any]) -> None:
         log.info(f"== {name} ==")  # progress: hidden by atlas -q, unlike the summary
@@ -138,7 +144,7 @@ def ensembling_study(config: DemoConfig, store: Store) -> None:
     from ingest.ensembling import run as run_ensembling
 
     run_ensembling(EnsemblingConfig(family=config.family, dataset=config.analysis_dataset,
-                                    feature=config.probe_feature, neuron_pool="all"), store)
+                                    feature=config.probe_feature, neuron_pool="all", device=config.device), store)
 
 
 def null_reference(config: DemoConfig, seeds_config: TrainSeedsConfig, store: Store) -> None:
@@ -169,7 +175,7 @@ def analysis_jobs(config: DemoConfig) -> dict[str, tuple[Any, Callable[[Any, Sto
     from ingest import JOBS
 
     on_family = {"family": config.family}
-    on_data = {**on_family, "dataset": config.analysis_dataset}
+    on_data = {**on_family, "dataset": config.analysis_dataset, "device": config.device}
     on_layers = {**on_data, "tokens": config.layer_tokens}
     options = {
         "weights": on_family,

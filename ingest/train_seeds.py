@@ -4,7 +4,9 @@ Layout under <out>/<family>/: tokenizer/ (trained once, shared by every seed), s
 tokenizer in Hugging Face format, plus training.json), heldout.jsonl (the held-out documents, one
 JSON object per line, so analysis jobs can run on text no seed trained on), family.json (the
 family's data settings). A seed is reused when its training run is stored and its directory holds
-a model; a rerun with other settings is refused rather than mixed into the family.
+a model; a rerun with other settings is refused rather than mixed into the family. The device a seed
+trained on is recorded (training_runs.config["device"], training.json) but is no setting of the
+family: a seed trained on a GPU is reused by a run on the CPU and the other way round.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from sqlalchemy import delete, select
 
+from atlas.devices import resolve_device
 from atlas.errors import AtlasError
 from atlas.registry import register_model, resolve_dataset
 from atlas.store import Store
@@ -39,6 +43,7 @@ class TrainSeedsConfig:
     text_bytes: int = DEFAULT_TEXT_BYTES   # read the dataset's documents up to this many UTF-8 bytes
     heldout_fraction: float = 0.05
     out: str = "atlas-models"
+    device: str = "auto"   # auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,8 @@ def data_settings(config: TrainSeedsConfig, dataset: Dataset) -> dict[str, Any]:
 
 
 def recipe(config: TrainSeedsConfig, dataset: Dataset) -> dict[str, Any]:
-    """Stored as training_runs.config; a reused seed must have been trained with this same recipe."""
+    """Stored as training_runs.config (with the device each seed trained on); a reused seed must have
+    been trained with this same recipe."""
     train = json.loads(json.dumps(asdict(config.train)))
     if not train["checkpoints"]:
         del train["checkpoints"]  # recipes stored before checkpoints existed stay equal
@@ -86,6 +92,7 @@ def recipe(config: TrainSeedsConfig, dataset: Dataset) -> dict[str, Any]:
 def run(config: TrainSeedsConfig, store: Store) -> list[SeedOutcome]:
     """Train (or reuse) every seed, register it and store its run and curve. Returns one outcome per seed."""
     _check_config(config)
+    device = resolve_device(config.device)  # before any work: a device this machine lacks fails at once
     with store.session() as session:
         dataset = resolve_dataset(session, config.dataset)
     wanted = recipe(config, dataset)
@@ -94,7 +101,7 @@ def run(config: TrainSeedsConfig, store: Store) -> list[SeedOutcome]:
     outcomes = {seed: _reuse(config, store, seed) for seed in done}
     pending = [seed for seed in config.seeds if seed not in done]
     if pending:
-        outcomes.update(_train_pending(config, store, dataset, wanted, pending))
+        outcomes.update(_train_pending(config, store, dataset, wanted, pending, device))
     return [outcomes[seed] for seed in config.seeds]
 
 
@@ -133,7 +140,7 @@ def _reusable_seeds(config: TrainSeedsConfig, store: Store, wanted: dict[str, An
     for stored in runs:
         if not _saved(Path(stored.out_dir), config.train.checkpoints):
             continue  # the directory (or a checkpoint) is gone: train the seed again
-        if _without_cap(stored.config) != _without_cap(wanted):
+        if _comparable(stored.config) != _comparable(wanted):
             raise AtlasError(f"seed {stored.seed} of family {config.family!r} was trained with other settings "
                              f"({_difference(stored.config, wanted)}): use another --family")
         if stored.steps == config.train.steps:  # a seed a wall-clock cap cut short is trained again
@@ -141,9 +148,11 @@ def _reusable_seeds(config: TrainSeedsConfig, store: Store, wanted: dict[str, An
     return reusable
 
 
-def _without_cap(recipe_: dict[str, Any]) -> dict[str, Any]:
-    """A wall-clock cap that never stopped the run left no trace in the model (the steps say whether it did)."""
-    return {**recipe_, "train": {k: v for k, v in recipe_.get("train", {}).items() if k != "max_seconds"}}
+def _comparable(recipe_: dict[str, Any]) -> dict[str, Any]:
+    """The recipe without what is no setting of the family: the device a seed trained on, and a wall-clock
+    cap, which left no trace in the model when it never stopped the run (the steps say whether it did)."""
+    return {**{k: v for k, v in recipe_.items() if k != "device"},
+            "train": {k: v for k, v in recipe_.get("train", {}).items() if k != "max_seconds"}}
 
 
 def _saved(directory: Path, checkpoints: tuple[int, ...]) -> bool:
@@ -171,7 +180,8 @@ def _reuse(config: TrainSeedsConfig, store: Store, seed: int) -> SeedOutcome:
 
 
 def _train_pending(
-    config: TrainSeedsConfig, store: Store, dataset: Dataset, wanted: dict[str, Any], seeds: list[int]
+    config: TrainSeedsConfig, store: Store, dataset: Dataset, wanted: dict[str, Any], seeds: list[int],
+    device: torch.device,
 ) -> dict[int, SeedOutcome]:
     from atlas.training import prepare_corpus, train_seed, unigram_entropy
     from ingest.progress import progress_bar, RateColumn
@@ -194,7 +204,7 @@ def _train_pending(
                                 description=f"{config.family} seed {seed} loss {loss:.3f}")
 
             result = train_seed(config.train, seed, corpus.train_rows, corpus.heldout_rows,
-                                seed_dir(config, seed), tokenizer, progress=report)
+                                seed_dir(config, seed), tokenizer, progress=report, device=device)
             progress.update(task, completed=config.train.steps * tokens_per_step)
             outcomes[seed] = _store_seed(config, store, wanted, result, bar_entropy)
     return outcomes
@@ -305,7 +315,8 @@ def _store_seed(
     directory = seed_dir(config, result.seed)
     model = _register_seed(config, store, result.seed, directory, result.steps_done)
     run_row = TrainingRun(
-        family=config.family, seed=result.seed, model_id=model.id, out_dir=str(directory), config=wanted,
+        family=config.family, seed=result.seed, model_id=model.id, out_dir=str(directory),
+        config={**wanted, "device": result.device},
         steps=result.steps_done, tokens_seen=result.steps_done * config.train.batch_size * config.train.ctx,
         train_loss=result.final_train_loss, heldout_loss=result.heldout_loss, unigram_entropy=bar_entropy,
         seconds=result.seconds,

@@ -20,13 +20,14 @@ from sqlalchemy import func, select, text
 from typer.testing import CliRunner
 
 from atlas.cli import app, parse_seeds
+from atlas.devices import resolve_device
 from atlas.data.docstrings import collect_docstrings
 from atlas.errors import AtlasError
 from atlas.registry import register_dataset
 from atlas.store import Store
-from atlas.store.schema import Base, Model, TrainingCurve, TrainingRun
+from atlas.store.schema import Base, Dataset, Model, TrainingCurve, TrainingRun
 from atlas.training import TrainConfig
-from ingest.demo import DemoConfig, summary_rows
+from ingest.demo import DemoConfig, analysis_jobs, summary_rows
 from ingest.demo import run as run_demo
 from ingest.train_seeds import TrainSeedsConfig, heldout_path, seed_dir
 from ingest.train_seeds import run as train_seeds
@@ -74,6 +75,7 @@ def test_train_seeds_registers_stores_and_reuses(store, text_file, tmp_path):
     assert runs[0].steps == 20 and runs[0].tokens_seen == 20 * 8 * 32 and curve_steps == [10, 20]
     assert runs[0].unigram_entropy == runs[1].unigram_entropy > 0  # one bar for the family
     assert runs[0].heldout_loss == pytest.approx(first[0].heldout_loss)
+    assert runs[0].config["device"] == str(resolve_device("auto"))  # the resolved device, never "auto"
 
     seed0, seed1 = weights(seed_dir(config, 0)), weights(seed_dir(config, 1))
     assert any(not torch.equal(seed0[name], seed1[name]) for name in seed0)  # seeds differ
@@ -106,6 +108,41 @@ def test_train_seeds_refuses_to_mix_settings_into_a_family(store, text_file, tmp
         train_seeds(replace(config, dataset="nope"), store)
 
 
+def test_the_device_is_recorded_but_no_setting_of_the_family(store, text_file, tmp_path):
+    """A seed stored from another device, or from before the device was recorded, is reused as it is."""
+    register_dataset(store, "text", str(text_file), ctx_len=32)
+    config = replace(seeds_config(tmp_path, seeds=(0,)), device="cpu")
+    train_seeds(config, store)
+    with store.session() as session:
+        stored = session.scalars(select(TrainingRun)).one()
+        assert stored.config["device"] == "cpu"
+        assert json.loads((seed_dir(config, 0) / "training.json").read_text())["result"]["device"] == "cpu"
+    for recorded in ({**stored.config, "device": "cuda:1"}, {k: v for k, v in stored.config.items() if k != "device"}):
+        with store.transaction() as session:
+            session.get(TrainingRun, stored.id).config = recorded
+        assert [o.reused for o in train_seeds(replace(config, device="auto"), store)] == [True]
+
+
+def test_a_device_this_machine_lacks_fails_before_any_work(store, tmp_path):
+    for name in ("gpu0", "cuda:99"):
+        with pytest.raises(AtlasError, match=f"^--device '?{name}") as error:
+            train_seeds(replace(seeds_config(tmp_path), device=name), store)  # the dataset is not even registered
+        assert "\n" not in str(error.value)
+        with pytest.raises(AtlasError, match=f"^--device '?{name}"):
+            run_demo(replace(MINI_DEMO, device=name, out=str(tmp_path / "models")), store,
+                     console=Console(file=io.StringIO()))
+    assert not (tmp_path / "models").exists()
+    with store.session() as session:
+        assert session.scalar(select(func.count()).select_from(Dataset)) == 0
+
+
+def test_the_demo_hands_its_device_to_every_job_that_takes_one():
+    jobs = analysis_jobs(replace(MINI_DEMO, device="cpu"))
+    assert {name: getattr(job, "device", None) for name, (job, _) in jobs.items()} == {
+        name: None if name == "weights" else "cpu" for name in jobs}
+    assert all(job.device == "auto" for name, (job, _) in analysis_jobs(MINI_DEMO).items() if name != "weights")
+
+
 def test_seeds_option_takes_a_list_or_a_comma_list():
     assert parse_seeds("0", ["1", "2"]) == (0, 1, 2)
     assert parse_seeds("0,1, 2", []) == (0, 1, 2)
@@ -127,6 +164,24 @@ def test_train_seeds_command(tmp_path, text_file):
     assert "unigram entropy" in first.output
     second = runner.invoke(app, ["train-seeds", "--seeds", "0,1", *options])
     assert second.exit_code == 0 and second.output.count("reused cli-seed") == 2, second.output
+
+    # --device cpu trains exactly what the default trains here (auto is the CPU on a machine without a GPU).
+    # Another database: registration would refuse a second model with the same weights.
+    cpu_db = f"sqlite:///{tmp_path / 'cpu.db'}"
+    on_cpu = [{db: cpu_db, str(tmp_path / "models"): str(tmp_path / "models-cpu")}.get(word, word)
+              for word in options]
+    assert runner.invoke(app, ["dataset", "add", "text", "--source", str(text_file), "--ctx", "32",
+                               "--db", cpu_db]).exit_code == 0
+    third = runner.invoke(app, ["train-seeds", "--seeds", "0", *on_cpu, "--device", "cpu"])
+    assert third.exit_code == 0 and "trained cli-seed0" in third.output, third.output
+    if resolve_device("auto").type == "cpu":
+        assert ((tmp_path / "models-cpu" / "cli" / "seed-0" / "model.safetensors").read_bytes()
+                == (tmp_path / "models" / "cli" / "seed-0" / "model.safetensors").read_bytes())
+
+    bad = runner.invoke(app, ["train-seeds", "--seeds", "0", *options, "--device", "gpu0"])
+    assert isinstance(bad.exception, AtlasError) and str(bad.exception).startswith("--device 'gpu0'")
+    bad_demo = runner.invoke(app, ["demo", "--db", db, "--out", str(tmp_path / "demo"), "--device", "cuda:99"])
+    assert isinstance(bad_demo.exception, AtlasError) and str(bad_demo.exception).startswith("--device cuda:99")
 
 
 MINI_DEMO = DemoConfig(family="mini", dataset="text", train=MINI_TRAIN, vocab_size=400,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from atlas.data.docstrings import collect_docstrings
+from atlas.devices import resolve_device
 from atlas.errors import AtlasError
 from atlas.training.train import lr_at
 from atlas.training import (
@@ -111,6 +113,54 @@ def test_same_seed_gives_identical_weights(family):
     for name in weights_a:
         assert torch.equal(weights_a[name], weights_b[name]), name
     assert family["a"][0].curve == family["b"][0].curve
+
+
+def test_an_explicit_cpu_device_trains_exactly_as_the_default(family, corpus, tokenizer, tmp_path):
+    """device="cpu" (and "auto" where it resolves to the CPU) repeats the default run bit for bit, and the
+    saved files are byte for byte the same: the device option changes nothing on the CPU."""
+    default, weights_default, default_dir = family["a"]  # seed 1, no device argument
+    devices = ["cpu", "CPU"] + (["auto"] if resolve_device("auto").type == "cpu" else [])
+    for name in devices:
+        result = train_seed(MINI, 1, corpus.train_rows, corpus.heldout_rows, tmp_path / name, tokenizer,
+                            device=name)
+        weights = load_file(tmp_path / name / "model.safetensors")
+        assert weights.keys() == weights_default.keys()
+        assert all(torch.equal(weights[key], weights_default[key]) for key in weights), name
+        assert (result.curve, result.heldout_loss) == (default.curve, default.heldout_loss)
+        assert ((tmp_path / name / "model.safetensors").read_bytes()
+                == (default_dir / "model.safetensors").read_bytes())
+        assert result.device == default.device == "cpu"
+        assert json.loads((tmp_path / name / "training.json").read_text())["result"]["device"] == "cpu"
+
+
+def test_an_unknown_device_is_refused_in_one_line_naming_the_option(corpus, tokenizer, tmp_path):
+    for name, message in (("gpu0", "is not a torch device"), ("cuda:99", "GPU")):
+        with pytest.raises(AtlasError, match=message) as error:
+            train_seed(MINI, 1, corpus.train_rows, corpus.heldout_rows, tmp_path, tokenizer, device=name)
+        assert str(error.value).startswith("--device ") and name in str(error.value)
+        assert "\n" not in str(error.value)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_run_saves_what_a_cpu_run_saves(family, corpus, tokenizer, tmp_path):
+    """On cuda: checkpoints and model saved as on the CPU (CPU tensors, same files, names, shapes and
+    dtypes), the device recorded, and a held-out loss close to the CPU run's (same seed and batches)."""
+    cpu_result, cpu_weights, cpu_dir = family["a"]
+    config = replace(MINI, checkpoints=(MINI.steps // 2,))
+    result = train_seed(config, 1, corpus.train_rows, corpus.heldout_rows, tmp_path, tokenizer, device="cuda")
+    assert result.device == "cuda"
+    gpu_weights = load_file(tmp_path / "model.safetensors")
+    assert {k: (v.shape, v.dtype, v.device) for k, v in gpu_weights.items()} == \
+        {k: (v.shape, v.dtype, v.device) for k, v in cpu_weights.items()}
+    assert abs(result.heldout_loss - cpu_result.heldout_loss) < 0.1
+    checkpoint = tmp_path / f"step-{MINI.steps // 2}"
+    assert load_file(checkpoint / "model.safetensors").keys() == cpu_weights.keys()
+    assert json.loads((checkpoint / "training.json").read_text())["device"] == "cuda"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == \
+        sorted(p.name for p in cpu_dir.iterdir() if p.is_file())
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert next(reloaded.parameters()).device.type == "cpu"
 
 
 def test_different_seeds_give_different_weights(family):

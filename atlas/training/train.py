@@ -1,13 +1,17 @@
-"""Train one seed of a GPT-2 family on CPU.
+"""Train one seed of a GPT-2 family, on the CPU or a GPU (`device`).
 
 The seed sets exactly two things: the initial weights (torch.manual_seed) and the order in which
 the shared training rows are visited. Everything else (data, tokenizer, hyper-parameters) is the
 family's. On CPU the same seed gives bit-identical weights, as long as the wall-clock cap does not
-bind (see `lr_at`).
+bind (see `lr_at`). The initial weights are drawn on the CPU whatever the device, so a seed starts
+from the same weights everywhere; on a GPU the kernels round differently from the CPU's and some
+are not deterministic, so a seed trained there ends close to, not equal to, its CPU twin and need
+not repeat bit for bit. Models are saved from CPU tensors on every device.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
+from atlas.devices import resolve_device
 from atlas.errors import AtlasError
 
 ProgressCallback = Callable[[int, int, float], None]  # (step done, total steps, train loss)
@@ -42,7 +47,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     dropout: float = 0.0        # tiny models trained for ~1 epoch do not overfit
-    bf16: bool = True           # bf16 autocast on CPU: 1.6-1.8x faster than fp32 here
+    bf16: bool = True           # bf16 autocast on the training device (CPU: 1.6-1.8x faster than fp32 here)
     attention: str = "eager"    # eager beat sdpa on this CPU
     max_seconds: float | None = None   # optional wall-clock cap per seed (unequal steps: avoid for studies)
     heldout_tokens: int = 16_384       # held-out tokens per evaluation
@@ -60,10 +65,11 @@ class TrainResult:
     seconds: float = 0.0              # whole call, evaluations and saving included
     tokens_per_second: float = 0.0    # training steps only
     hit_time_cap: bool = False
+    device: str = "cpu"               # the torch device it trained on (resolved: never "auto")
 
 
 def build_model(config: TrainConfig, vocab_size: int, special_id: int, seed: int) -> GPT2LMHeadModel:
-    """A freshly initialised GPT-2 whose weights depend only on `seed`."""
+    """A freshly initialised GPT-2 on the CPU whose weights depend only on `seed`."""
     model_config = GPT2Config(
         vocab_size=vocab_size,
         n_positions=config.ctx,
@@ -125,7 +131,7 @@ def heldout_loss(model: GPT2LMHeadModel, rows: torch.Tensor, config: TrainConfig
     """Mean next-token loss over the held-out rows (every row has ctx - 1 targets)."""
     model.eval()
     total = 0.0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+    with torch.no_grad(), torch.autocast(rows.device.type, dtype=torch.bfloat16, enabled=config.bf16):
         for start in range(0, len(rows), config.batch_size):
             batch = rows[start : start + config.batch_size]
             total += model(input_ids=batch, labels=batch).loss.float().item() * len(batch)
@@ -164,16 +170,19 @@ def train_seed(
     out_dir: str | Path,
     tokenizer: PreTrainedTokenizerBase,
     progress: ProgressCallback | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
-    """Train one seed and save model, tokenizer and training.json to out_dir."""
+    """Train one seed on `device` (auto, cpu, cuda, cuda:N or mps; see atlas.devices.resolve_device)
+    and save model, tokenizer and training.json to out_dir."""
     started = time.perf_counter()
+    device = resolve_device(str(device))
     vocab_size = len(tokenizer)
     check_inputs(config, train_rows, heldout_rows, vocab_size)
     n_eval_rows = max(1, math.ceil(config.heldout_tokens / config.ctx))
-    eval_rows = torch.from_numpy(np.ascontiguousarray(heldout_rows[:n_eval_rows], dtype=np.int64))
-    train_tensor = torch.from_numpy(np.ascontiguousarray(train_rows, dtype=np.int64))
+    eval_rows = torch.from_numpy(np.ascontiguousarray(heldout_rows[:n_eval_rows], dtype=np.int64)).to(device)
+    train_tensor = torch.from_numpy(np.ascontiguousarray(train_rows, dtype=np.int64))  # batches move one by one
 
-    model = build_model(config, vocab_size, tokenizer.eos_token_id, seed)
+    model = build_model(config, vocab_size, tokenizer.eos_token_id, seed).to(device)
     model.train()
     optimizer = make_optimizer(model, config)
     batches = batch_order(len(train_tensor), config.batch_size, seed)
@@ -190,14 +199,14 @@ def train_seed(
             hit_cap = True
             break
         step_started = time.perf_counter()
-        loss = train_step(model, optimizer, train_tensor[next(batches)], config, step, elapsed)
+        loss = train_step(model, optimizer, train_tensor[next(batches)].to(device), config, step, elapsed)
         training_seconds += time.perf_counter() - step_started
         window_losses.append(loss)
         step += 1
         if progress is not None:
             progress(step, config.steps, loss)
         if step in config.checkpoints and step < config.steps:
-            save_checkpoint(model, tokenizer, config, step, Path(out_dir))
+            save_checkpoint(model, tokenizer, config, step, Path(out_dir), str(device))
         if step % config.eval_every == 0 and step < config.steps:
             curve.append((step, float(np.mean(window_losses)), heldout_loss(model, eval_rows, config)))
             window_losses = []
@@ -215,6 +224,7 @@ def train_seed(
         curve=curve,
         tokens_per_second=tokens / training_seconds if training_seconds else 0.0,
         hit_time_cap=hit_cap,
+        device=str(device),
     )
     save_seed(model, tokenizer, config, result, Path(out_dir))
     result.seconds = time.perf_counter() - started
@@ -232,7 +242,7 @@ def train_step(
     learning_rate = lr_at(config, step, elapsed)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=config.bf16):
         loss = model(input_ids=batch, labels=batch).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -245,14 +255,23 @@ def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / f"step-{step}"
 
 
+def on_cpu(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """The model itself when it is on the CPU, else a CPU copy (tied weights stay tied) to save from, so
+    checkpoints and final models are written from CPU tensors whatever the training device."""
+    if next(model.parameters()).device.type == "cpu":
+        return model
+    return copy.deepcopy(model).to("cpu")
+
+
 def save_checkpoint(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerBase, config: TrainConfig, step: int,
-                    out_dir: Path) -> None:
+                    out_dir: Path, device: str = "cpu") -> None:
     """The model as it is after `step` optimizer steps, loadable on its own (universality over training)."""
     target = checkpoint_dir(out_dir, step)
     target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target)
+    on_cpu(model).save_pretrained(target)
     tokenizer.save_pretrained(target)
-    (target / "training.json").write_text(json.dumps({"config": asdict(config), "step": step}, indent=2))
+    record = {"config": asdict(config), "step": step, "device": device}
+    (target / "training.json").write_text(json.dumps(record, indent=2))
 
 
 def save_seed(
@@ -264,7 +283,7 @@ def save_seed(
 ) -> None:
     """save_pretrained for model and tokenizer, plus the recipe and result that made them."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    on_cpu(model).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     record = {"config": asdict(config), "result": asdict(result)}
     (out_dir / "training.json").write_text(json.dumps(record, indent=2))
