@@ -43,8 +43,8 @@ from ingest.runner import Heartbeat, JobKey, _claim_all, _fail, _now, config_has
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
-MIN_FLUSH_GROUPS = 64  # a pass has at least this many flush groups (where it has as many batches): shards
-KILL_ONCE_ENV = "ATLAS_TEST_KILL_UNIT_ONCE"  # test hook: a marker file path; see _kill_once
+MIN_FLUSH_GROUPS = 64  # flush groups a pass has at least (if it has that many batches): where shards may start
+KILL_ONCE_ENV = "ATLAS_TEST_KILL_UNIT_ONCE"  # test hook: a marker file path; see _KillOnce
 
 
 # -- planning ---------------------------------------------------------------------------------------
