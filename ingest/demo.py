@@ -27,7 +27,8 @@ from ingest.train_seeds import run as train_seeds
 
 log = logging.getLogger(__name__)
 
-# Budget on 2 idle cores: ~15k tokens/s were measured for this shape (15-17.5k on such machines),
+# Budget on 2 idle cores: ~15k tokens/s were measured for this shape on CPUs with native bf16 (15-17.5k on
+# such machines; an AVX2-only CPU trains in float32 at ~9k tokens/s, so there the demo takes longer),
 # so 900 steps x 16 x 128 tokens take ~125 s per seed. The steps are fixed, never cut by a clock, so
 # every seed of the family trains exactly as long and the run is bit-reproducible. With the corpus
 # (~25 s the first time) and the analysis (~55 s) the demo takes ~8 minutes. Two layers: at this

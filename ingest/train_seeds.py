@@ -149,9 +149,10 @@ def _reusable_seeds(config: TrainSeedsConfig, store: Store, wanted: dict[str, An
 
 
 def _comparable(recipe_: dict[str, Any]) -> dict[str, Any]:
-    """The recipe without what is no setting of the family: the device a seed trained on, and a wall-clock
-    cap, which left no trace in the model when it never stopped the run (the steps say whether it did)."""
-    return {**{k: v for k, v in recipe_.items() if k != "device"},
+    """The recipe without what is no setting of the family: the device a seed trained on and whether it had
+    bf16 autocast natively, and a wall-clock cap, which left no trace in the model when it never stopped the
+    run (the steps say whether it did)."""
+    return {**{k: v for k, v in recipe_.items() if k not in ("device", "bf16_autocast")},
             "train": {k: v for k, v in recipe_.get("train", {}).items() if k != "max_seconds"}}
 
 
@@ -316,7 +317,7 @@ def _store_seed(
     model = _register_seed(config, store, result.seed, directory, result.steps_done)
     run_row = TrainingRun(
         family=config.family, seed=result.seed, model_id=model.id, out_dir=str(directory),
-        config={**wanted, "device": result.device},
+        config={**wanted, "device": result.device, "bf16_autocast": result.bf16_autocast},
         steps=result.steps_done, tokens_seen=result.steps_done * config.train.batch_size * config.train.ctx,
         train_loss=result.final_train_loss, heldout_loss=result.heldout_loss, unigram_entropy=bar_entropy,
         seconds=result.seconds,
