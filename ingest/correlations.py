@@ -312,8 +312,7 @@ def run_token_shards(passes: list[list[Block]], context: RunContext) -> None:
     cluster runs them side by side); each pass's units are merged into its blocks' rows (one transaction per
     pass) as soon as they are all done, so that their states leave the shard directory early."""
     from ingest.correlation_units import FinishPass, finish_pass, pass_units
-    from ingest.token_shards import (delete_states, done_job_ids, prepare_stream, run_pass_units, token_ranges,
-                                     with_done_ids)
+    from ingest.token_shards import delete_states, prepare_stream, run_pass_units, token_ranges, with_done_ids
 
     config, dataset, store = context.config, context.dataset, context.store
     if not passes:
@@ -351,10 +350,14 @@ def run_token_shards(passes: list[list[Block]], context: RunContext) -> None:
         if ran:
             delete_states(units[index])
 
+    arrived: set[str] = set()
+
     def after_unit(unit) -> None:
+        """A pass whose units all ran in this run is merged at once (one with units done by an earlier run, or
+        done before --overwrite replaced them, waits for the end: their ledger rows may be stale)."""
+        arrived.add(unit.state_path)
         index = pass_of[unit.state_path]
-        if index not in finished and all(done_job_ids(store, other, context.config_hash) is not None
-                                         for other in units[index]):
+        if index not in finished and all(other.state_path in arrived for other in units[index]):
             finish(index)
 
     run_pass_units(store, [unit for pass_ in units for unit in pass_], config, executor,
