@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event
 
 from atlas.store import Store, bulk_insert
 from atlas.store.schema import ActivationStat, Neuron, NeuronCorrelation, NeuronLabel, TopExample
@@ -41,13 +41,13 @@ def synthetic_atlas(pg_server, pg_template) -> str:
     rng = np.random.default_rng(0)
     n = SIZE.layers * SIZE.d_mlp
     universal = rng.random(n) < 0.03
-    vocab = [f"tok{i}" for i in range(1000)]
+    pool = bench.context_pool(rng, 1024, [f"tok{i}" for i in range(1000)])
     models, dataset = bench.registry(store, SIZE)
     with store.transaction() as session:
         for model in models:
             bulk_insert(session, Neuron, bench.neuron_columns(rng, model, n, universal))
             bulk_insert(session, ActivationStat, bench.activation_columns(rng, model, dataset, n))
-            bulk_insert(session, TopExample, bench.example_columns(rng, model, dataset, range(n), SIZE.examples, vocab))
+            bulk_insert(session, TopExample, bench.example_columns(rng, model, dataset, range(n), SIZE.examples, pool))
             bulk_insert(session, NeuronLabel, bench.label_columns(rng, model, dataset, n))
             for other in models:
                 if other.id != model.id:
@@ -55,8 +55,7 @@ def synthetic_atlas(pg_server, pg_template) -> str:
                                 bench.correlation_columns(rng, model, other, dataset, n, universal))
         refresh_universality(session, [model.id for model in models], dataset.id)
         refresh_layer_classes(session, [model.id for model in models])
-    with store.engine.connect() as connection:
-        connection.execute(text("COMMIT"))
+    with store.engine.begin() as connection:  # committed: ANALYZE in a rolled-back transaction keeps no statistics
         connection.exec_driver_sql("ANALYZE")
     store.dispose()
     return url
