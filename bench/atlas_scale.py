@@ -7,7 +7,7 @@ raw binary COPY of the same rows into a copy of the same table (its indexes and 
 server's share of every write). One table, with the goal beside each.
 
 The default size is GPT-2 medium x 10 seeds: 24 layers x 4,096 neurons x 10 models (983,040 neurons,
-8.8M neuron_correlations rows, 20 top examples a neuron). Distributions: vocabulary kurtosis
+8.8M neuron_correlations rows, 20 top examples a neuron, 3 labels and 5 head scores a neuron). Distributions: vocabulary kurtosis
 heavy-tailed (a few % prediction / suppression neurons), a few % of neurons universal (the same
 neurons in every seed), the rest with max_corr well under the threshold; null-space fractions around a
 random direction's share with a few entropy neurons in the last layers. Each model also gets its layer
@@ -265,6 +265,20 @@ def label_columns(rng: np.random.Generator, model, dataset, n: int) -> dict:
             "mean_without": rng.normal(0.0, 0.1, 3 * n)}
 
 
+def head_score_columns(rng: np.random.Generator, model, dataset, n: int, top_heads: int = 5) -> dict:
+    """The attention-roles job's scores: for every neuron before the last layer, its top 5 later heads by |z|
+    (z Student-t with 8 degrees of freedom: a few % of the neurons deactivate some head, z <= -3, score < 0)."""
+    n_layers, n_heads = n // model.d_mlp, max(1, model.d_model // 64)
+    kept = np.arange(n)[np.arange(n) // model.d_mlp < n_layers - 1]  # the last layer has no later head
+    layer, neuron = np.repeat(kept // model.d_mlp, top_heads), np.repeat(kept % model.d_mlp, top_heads)
+    head_layer = layer + 1 + (rng.random(layer.size) * (n_layers - 1 - layer)).astype(int)
+    magnitude = np.sort(np.abs(rng.standard_t(8, (kept.size, top_heads))), axis=1)[:, ::-1].reshape(-1)
+    z = np.where(rng.random(layer.size) < 0.6, -magnitude, magnitude)
+    return {"model_id": model.id, "dataset_id": dataset.id, "layer": layer, "neuron": neuron,
+            "rank": np.tile(np.arange(top_heads), kept.size), "head_layer": head_layer,
+            "head": rng.integers(0, n_heads, layer.size), "score": z * rng.lognormal(-3.0, 0.5, z.size), "z": z}
+
+
 def layer_tables(rng: np.random.Generator, model, dataset) -> dict[str, dict]:
     """The layer measurements of one model, shaped like the Stages of Inference curves of GPT-2 (Lad et al.,
     2024, Figure 1): the interventions job (a 'none' row, a deletion per layer, a swap per adjacent pair),
@@ -459,8 +473,9 @@ def fill(store, args: argparse.Namespace, report: Report) -> tuple[list, object]
     as a correlations job may run beside an activations job: the build uses both cores."""
     import importlib
 
-    from atlas.store.schema import ActivationStat, Neuron, NeuronCorrelation, NeuronLabel, TopExample
-    from atlas.store.summaries import refresh_layer_classes, refresh_universality
+    from atlas.store.schema import (ActivationStat, Neuron, NeuronCorrelation, NeuronHeadScore, NeuronLabel,
+                                    TopExample)
+    from atlas.store.summaries import refresh_label_counts, refresh_layer_classes, refresh_universality
 
     importlib.import_module("atlas.metrics.entropy")  # neuron_columns's null-space size: torch loads here, untimed
     rng = np.random.default_rng(0)
@@ -468,8 +483,8 @@ def fill(store, args: argparse.Namespace, report: Report) -> tuple[list, object]
     universal = rng.random(n) < args.universal
     models, dataset = registry(store, args)
     writers = {name: WriterTimes() for name in ("neurons", "activation_stats", "top_examples", "neuron_correlations",
-                                                "neuron_labels")}
-    summaries = {"universality": 0.0, "layer classes": 0.0}
+                                                "neuron_labels", "neuron_head_scores")}
+    summaries = {"universality": 0.0, "layer classes": 0.0, "label counts": 0.0}
     start = time.perf_counter()
     pool = context_pool(rng, CONTEXT_POOL, [f"tok{i}" for i in range(5000)])
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="second-writer") as second:
@@ -490,6 +505,8 @@ def fill(store, args: argparse.Namespace, report: Report) -> tuple[list, object]
                       first and other.id == models[1].id) for other in models if other.id != model.id]
             later.append((NeuronLabel, label_columns(rng, model, dataset, n), job_row(store, "labels", model, dataset),
                           writers["neuron_labels"], first))
+            later.append((NeuronHeadScore, head_score_columns(rng, model, dataset, n),
+                          job_row(store, "attention-roles", model, dataset), writers["neuron_head_scores"], first))
             pending = second.submit(lambda later=later: [write(store, *w, alone=False) for w in later]) \
                 if beside else None
             for chunk in range(0, n, 8192):  # top examples in slices: their Python rows are large
@@ -506,6 +523,9 @@ def fill(store, args: argparse.Namespace, report: Report) -> tuple[list, object]
             with timed() as elapsed, store.transaction() as session:  # what the correlations job does per pass
                 refresh_universality(session, [model.id], dataset.id)
             summaries["universality"] += elapsed()
+            with timed() as elapsed, store.transaction() as session:  # what the labels job does with its rows
+                refresh_label_counts(session, [model.id])
+            summaries["label counts"] += elapsed()
             print(f"filled {model.name}: {time.perf_counter() - start:,.0f} s so far", flush=True)
     with store.engine.begin() as connection:  # committed: statistics written in a rolled-back transaction are lost
         connection.exec_driver_sql("ANALYZE")

@@ -36,6 +36,7 @@ from atlas.metrics.labels import (FeatureSplit, StreamingFeatureVariance, Stream
 from atlas.registry import resolve_models
 from atlas.store import Store
 from atlas.store.schema import Dataset, Model, Neuron, NeuronLabel, NeuronTokenSet, TokenFeature
+from atlas.store.summaries import refresh_label_counts
 from ingest.next_token import NextTokenConfig, open_tokens, require_positions, run_per_model, scored_batches
 from ingest.options import RUN_OPTION, TARGET
 from ingest.progress import progress_bar
@@ -238,12 +239,13 @@ def compute(model_row: Model, dataset: Dataset | None, config: LabelsConfig, sto
 
 def write(session: Session, model_row: Model, dataset_id: int | None, result: LabelResults, job_id: int) -> int:
     """Replace the tokenizer's features, the model's vocabulary labels and (with a dataset) its dataset labels
-    and token sets, in the unit's transaction."""
+    and token sets, and the model's rank-0 label counts (label_counts), in the unit's transaction."""
     replace_rows(session, TokenFeature, {"tokenizer_hash": model_row.tokenizer_hash}, result.features)
     n_rows = 0
     for source, columns in result.labels.items():
         where = {"model_id": model_row.id, "dataset_id": None if source == "vocab" else dataset_id, "source": source}
         n_rows += replace_rows(session, NeuronLabel, where, {**columns, "job_id": job_id})
+    refresh_label_counts(session, [model_row.id])
     if result.token_sets is not None:
         where = {"model_id": model_row.id, "dataset_id": dataset_id}
         n_rows += replace_rows(session, NeuronTokenSet, where, {**result.token_sets, "job_id": job_id})

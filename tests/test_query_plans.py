@@ -1,7 +1,8 @@
 """Every query an app page runs reads the big tables through an index condition: on a PostgreSQL atlas large enough
 for the planner to prefer a sequential scan wherever no index fits (bench/atlas_scale.py's synthetic rows,
-3 seeds x 8,192 neurons: 49k correlation rows, 123k top examples), no page query's plan reads
-neuron_correlations or top_examples whole (a sequential scan, or a walk over a whole index). At a million neurons such a scan is seconds per page."""
+3 seeds x 8,192 neurons: 49k correlation rows, 123k top examples, 74k labels, 92k head scores), no page query's
+plan reads neuron_correlations, top_examples, neuron_labels or neuron_head_scores whole (a sequential scan, or a
+walk over a whole index). At a million neurons such a scan is seconds per page."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import pytest
 from sqlalchemy import Engine, event
 
 from atlas.store import Store, bulk_insert
-from atlas.store.schema import ActivationStat, Neuron, NeuronCorrelation, NeuronLabel, TopExample
-from atlas.store.summaries import refresh_layer_classes, refresh_universality
+from atlas.store.schema import ActivationStat, Neuron, NeuronCorrelation, NeuronHeadScore, NeuronLabel, TopExample
+from atlas.store.summaries import refresh_label_counts, refresh_layer_classes, refresh_universality
 
 ROOT = Path(__file__).resolve().parent.parent
-BIG_TABLES = ("neuron_correlations", "top_examples")
+BIG_TABLES = ("neuron_correlations", "top_examples", "neuron_labels", "neuron_head_scores")
 PAGES = ("overview", "families", "card", "compare", "layers")
 SIZE = Namespace(layers=4, d_mlp=2048, seeds=3, examples=5)
 
@@ -49,12 +50,14 @@ def synthetic_atlas(pg_server, pg_template) -> str:
             bulk_insert(session, ActivationStat, bench.activation_columns(rng, model, dataset, n))
             bulk_insert(session, TopExample, bench.example_columns(rng, model, dataset, range(n), SIZE.examples, pool))
             bulk_insert(session, NeuronLabel, bench.label_columns(rng, model, dataset, n))
+            bulk_insert(session, NeuronHeadScore, bench.head_score_columns(rng, model, dataset, n))
             for other in models:
                 if other.id != model.id:
                     bulk_insert(session, NeuronCorrelation,
                                 bench.correlation_columns(rng, model, other, dataset, n, universal))
         refresh_universality(session, [model.id for model in models], dataset.id)
         refresh_layer_classes(session, [model.id for model in models])
+        refresh_label_counts(session, [model.id for model in models])
     with store.engine.begin() as connection:  # committed: ANALYZE in a rolled-back transaction keeps no statistics
         connection.exec_driver_sql("ANALYZE")
     store.dispose()

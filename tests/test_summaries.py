@@ -1,6 +1,8 @@
 """Summary tables equal the aggregations they replace: neuron_universality after a refresh, after migration
-0006 fills it from an older atlas and after a partner seed is removed; layer_classes after the weights job and
-after migration 0007 fills it."""
+0006 fills it from an older atlas and after a partner seed is removed; layer_classes (classes and entropy
+neurons) after the weights job and after migrations 0007 and 0008 fill it; label_counts after the labels job and
+after migration 0008 fills it; the Layers page's role counts and the Compare page's histogram against
+independent pandas / numpy computations on the rows."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from sqlalchemy import text
 from atlas.registry import remove_model
 from atlas.store import Store, bulk_insert
 from atlas.store.schema import Model, Neuron, NeuronCorrelation
-from atlas.store.summaries import refresh_universality
+from atlas.store.summaries import DEACTIVATION_Z, ENTROPY_NULL_RATIO, refresh_universality
 
 N_LAYERS, D_MLP = 2, 5
 
@@ -165,3 +167,121 @@ def test_migration_fills_layer_classes_from_an_older_atlas(store_at_0005):
         assert (n, prediction, suppression, partition) == (
             D_MLP, (here == "prediction").sum(), (here == "suppression").sum(), (here == "partition").sum())
     assert len(kept) == N_LAYERS
+
+
+def _entropy_counts(neurons: pd.DataFrame) -> pd.DataFrame:
+    """Per model and layer, from neurons rows: entropy neurons, the largest null-space fraction, the random share."""
+    neurons = neurons.dropna(subset=["null_frac"]).assign(
+        entropy=lambda f: (f["null_frac"] >= ENTROPY_NULL_RATIO * f["null_frac_random"]).astype(int))
+    return neurons.groupby(["model_id", "layer"]).agg(
+        n_entropy=("entropy", "sum"), max_null_frac=("null_frac", "max"),
+        null_frac_random=("null_frac_random", "max")).reset_index()
+
+
+def test_layer_and_label_summaries_match_the_rows(filled_any_db_url):
+    """The weights job's entropy counts, the labels job's rank-0 label counts and the role counts by layer equal
+    pandas counts of the rows (SQLite and PostgreSQL)."""
+    from atlas.read import roles
+
+    store = Store(filled_any_db_url)
+    with store.engine.connect() as conn:
+        neurons = pd.read_sql(text("SELECT model_id, layer, null_frac, null_frac_random FROM neurons"), conn)
+        kept = pd.read_sql(text("SELECT model_id, layer, n_entropy, max_null_frac, null_frac_random "
+                                "FROM layer_classes ORDER BY model_id, layer"), conn)
+        labels = pd.read_sql(text("SELECT model_id, source, feature FROM neuron_labels WHERE rank = 0"), conn)
+        label_counts = pd.read_sql(text("SELECT model_id, source, feature, n_neurons FROM label_counts "
+                                        "ORDER BY model_id, source, feature"), conn)
+        scores = pd.read_sql(text("SELECT model_id, layer, neuron, score, z FROM neuron_head_scores"), conn)
+        models = pd.read_sql(text("SELECT id AS model_id, name AS model, family FROM models"), conn)
+    expected = _entropy_counts(neurons)
+    assert len(kept) == len(expected) > 0
+    assert kept["n_entropy"].tolist() == expected["n_entropy"].tolist()
+    for column in ("max_null_frac", "null_frac_random"):
+        np.testing.assert_allclose(kept[column].astype(float), expected[column], rtol=1e-12)
+
+    expected_labels = (labels.groupby(["model_id", "source", "feature"]).size().rename("n_neurons").reset_index()
+                       .sort_values(["model_id", "source", "feature"]).reset_index(drop=True))
+    assert len(label_counts) == len(expected_labels) > 0
+    pd.testing.assert_frame_equal(label_counts, expected_labels, check_dtype=False)
+
+    family = models["family"].iloc[0]
+    got = roles.role_counts_by_layer(store.engine, family)
+    deactivating = scores[(scores["z"] <= DEACTIVATION_Z) & (scores["score"] < 0)]
+    n_deactivating = deactivating.groupby(["model_id", "layer"])["neuron"].nunique().rename("n_deactivating")
+    expected_roles = (expected.merge(models, on="model_id").merge(n_deactivating.reset_index(), how="left",
+                                                                  on=["model_id", "layer"])
+                      .fillna({"n_deactivating": 0}).sort_values(["model", "layer"]).reset_index(drop=True))
+    got = got.sort_values(["model", "layer"]).reset_index(drop=True)
+    assert got["n_entropy"].tolist() == expected_roles["n_entropy"].tolist()
+    assert got["n_deactivating"].tolist() == expected_roles["n_deactivating"].astype(int).tolist()
+    assert len(deactivating) > 0, "the filled atlas should have some deactivating scores to count"
+
+    features = roles.label_features(store.engine, family, "vocab")
+    by_feature = labels[labels["source"] == "vocab"].groupby("feature").size()
+    assert dict(zip(features["feature"], features["n_neurons"].astype(int))) == by_feature.to_dict()
+    store.dispose()
+
+
+def test_histogram_counts_equal_numpy(filled_any_db_url):
+    """The Compare page's histogram, counted in SQL, equals np.histogram of the summary's values."""
+    from atlas.read import queries
+
+    store = Store(filled_any_db_url)
+    with store.engine.connect() as conn:
+        model, dataset = conn.execute(text(
+            "SELECT m.name, d.name FROM neuron_universality u JOIN models m ON m.id = u.model_id "
+            "JOIN datasets d ON d.id = u.dataset_id LIMIT 1")).one()
+        values = pd.read_sql(text(
+            "SELECT u.mean_max_corr, u.mean_baseline_corr FROM neuron_universality u JOIN models m ON m.id = u.model_id "
+            "JOIN datasets d ON d.id = u.dataset_id WHERE m.name = :m AND d.name = :d"), conn,
+            params={"m": model, "d": dataset})
+    got = queries.max_corr_histogram(store.engine, model, dataset, bins=40)
+    store.dispose()
+    present = values.stack().dropna().to_numpy(float)
+    edges = np.linspace(min(0.0, np.floor(present.min() * 10) / 10), 1.0, 41)
+    for series, column in (("max correlation", "mean_max_corr"), ("rotation baseline", "mean_baseline_corr")):
+        counts, _ = np.histogram(values[column].dropna().to_numpy(float), bins=edges)
+        part = got[got["series"] == series]
+        assert part["count"].tolist() == counts.tolist()
+        np.testing.assert_allclose(part["bin_start"], edges[:-1])
+    assert got["count"].sum() == values.notna().sum().sum() > 0
+
+
+@pytest.fixture
+def store_at_0007(empty_db_url):
+    store = Store(empty_db_url, check=False)
+    store.upgrade("0007")
+    yield store
+    store.dispose()
+
+
+def test_migration_0008_fills_entropy_and_label_counts(store_at_0007):
+    """An atlas written by the 0007 schema upgrades in place: entropy counts and label counts from its rows."""
+    store = store_at_0007
+    ids, dataset_id = _models_and_dataset(store)
+    rng = np.random.default_rng(2)
+    n = N_LAYERS * D_MLP
+    null_frac = rng.uniform(0.0, 0.4, n)
+    with store.transaction() as session:
+        bulk_insert(session, Neuron, {
+            "model_id": ids[0], "layer": np.arange(n) // D_MLP, "neuron": np.arange(n) % D_MLP, "w_in_norm": 1.0,
+            "w_out_norm": 1.0, "l2_penalty": 2.0, "vocab_class": "none", "null_frac": null_frac,
+            "null_frac_random": 0.02})
+        session.execute(text("INSERT INTO layer_classes (model_id, layer, n_neurons, n_prediction, n_suppression, "
+                             "n_partition) VALUES (:m, 0, 5, 0, 0, 0), (:m, 1, 5, 0, 0, 0)"), {"m": ids[0]})
+        for neuron in range(D_MLP):
+            for rank, feature in enumerate(("a", "b") if neuron % 2 else ("b", "a")):
+                session.execute(text(
+                    "INSERT INTO neuron_labels (model_id, dataset_id, layer, neuron, source, rank, feature, score) "
+                    "VALUES (:m, NULL, 0, :n, 'vocab', :r, :f, 0.5)"), {"m": ids[1], "n": neuron, "r": rank, "f": feature})
+    store.upgrade()
+    with store.engine.connect() as conn:
+        entropy = conn.execute(text("SELECT layer, n_entropy FROM layer_classes ORDER BY layer")).all()
+        counts = conn.execute(text("SELECT model_id, source, feature, n_neurons FROM label_counts "
+                                   "ORDER BY feature")).all()
+    expected = (null_frac >= ENTROPY_NULL_RATIO * 0.02).reshape(N_LAYERS, D_MLP).sum(axis=1)
+    assert [n for _, n in entropy] == expected.tolist()
+    assert counts == [(ids[1], "vocab", "a", 2), (ids[1], "vocab", "b", 3)]
+    store.downgrade("0007")
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM layer_classes")).scalar() == N_LAYERS

@@ -531,7 +531,13 @@ def families_with_correlations(engine: Engine) -> list[str]:
 
 
 def universality_by_step(engine: Engine, family: str, dataset: str) -> pd.DataFrame:
-    """The universality_by_step view for one family and dataset (empty without checkpoints)."""
+    """The universality_by_step view for one family and dataset (empty without checkpoints: then the view is
+    not read, since its plan hashes every neuron before it finds no model with a step)."""
+    if _scalar(engine, "SELECT 1 FROM models WHERE family = :family AND step IS NOT NULL LIMIT 1",
+               family=family) is None:
+        return pd.DataFrame(columns=["step", "n_seeds", "n_neurons", "universal_fraction_05", "universal_fraction_03",
+                                     "mean_excess_corr", "mean_max_corr", "mean_baseline_corr", "n_prediction",
+                                     "n_suppression"])
     return _frame(engine, """
         SELECT step, n_seeds, n_neurons, universal_fraction_05, universal_fraction_03, mean_excess_corr,
                mean_max_corr, mean_baseline_corr, n_prediction, n_suppression
@@ -564,23 +570,37 @@ def count_above_threshold(engine: Engine, model: str, dataset: str, threshold: f
 
 def max_corr_histogram(engine: Engine, model: str, dataset: str, bins: int = 50) -> pd.DataFrame:
     """Counts of each neuron's mean max correlation over the other seeds and of its rotation baseline's, over
-    the same bins (long format). Read from the universality summary: one row per neuron, by its primary key."""
-    frame = _frame(engine, """
-        SELECT u.mean_max_corr, u.mean_baseline_corr
-        FROM neuron_universality u JOIN models m ON m.id = u.model_id JOIN datasets d ON d.id = u.dataset_id
-        WHERE m.name = :model AND d.name = :dataset""", model=model, dataset=dataset)
-    values = {"max correlation": frame["mean_max_corr"].dropna().to_numpy(float),
-              "rotation baseline": frame["mean_baseline_corr"].dropna().to_numpy(float)}
-    present = np.concatenate(list(values.values()))
-    if present.size == 0:
+    the same bins from min(0, the lowest value rounded down to 0.1) to 1 (long format; np.histogram's bins).
+    Counted in SQL on the universality summary (one row per neuron, by its primary key): only the bins travel."""
+    where = """FROM neuron_universality u
+        WHERE u.model_id = (SELECT m.id FROM models m WHERE m.name = :model)
+          AND u.dataset_id = (SELECT d.id FROM datasets d WHERE d.name = :dataset)"""
+    lows = _frame(engine, f"SELECT MIN(u.mean_max_corr) AS a, MIN(u.mean_baseline_corr) AS b {where}",
+                  model=model, dataset=dataset).iloc[0]
+    present = [float(v) for v in lows if v is not None and not pd.isna(v)]
+    if not present:
         return pd.DataFrame(columns=["series", "bin_start", "bin_end", "count"])
-    lowest = min(0.0, float(np.floor(present.min() * 10) / 10))
+    lowest = min(0.0, float(np.floor(min(present) * 10) / 10))
     edges = np.linspace(lowest, 1.0, bins + 1)
     parts = []
-    for series, data in values.items():
-        counts, _ = np.histogram(data, bins=edges)
+    for series, column in (("max correlation", "u.mean_max_corr"), ("rotation baseline", "u.mean_baseline_corr")):
+        index = _floor(engine, f"({column} - :lowest) * :bins / (1.0 - :lowest)")
+        counted = _frame(engine, f"""
+            SELECT CASE WHEN {index} >= :bins THEN :bins - 1 ELSE {index} END AS bin, COUNT(*) AS n
+            {where} AND {column} IS NOT NULL AND {column} <= 1.0 GROUP BY 1""",
+            model=model, dataset=dataset, lowest=lowest, bins=bins)
+        counts = np.zeros(bins, dtype=np.int64)
+        np.add.at(counts, counted["bin"].to_numpy(np.int64), counted["n"].to_numpy(np.int64))
         parts.append(pd.DataFrame({"series": series, "bin_start": edges[:-1], "bin_end": edges[1:], "count": counts}))
     return pd.concat(parts, ignore_index=True)
+
+
+def _floor(engine: Engine, expression: str) -> str:
+    """FLOOR of a non-negative expression as an integer: PostgreSQL's CAST rounds, SQLite's truncates (and
+    SQLite has FLOOR only when built with its math functions)."""
+    if engine.dialect.name == "postgresql":
+        return f"CAST(FLOOR({expression}) AS INTEGER)"
+    return f"CAST({expression} AS INTEGER)"
 
 
 # --- layers --------------------------------------------------------------------------------------

@@ -8,15 +8,14 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from atlas.read.queries import _frame, _limit, _where
+from atlas.store.summaries import DEACTIVATION_Z, ENTROPY_NULL_RATIO, deactivating_where
 from atlas.store.views import REL_DEPTH
 
 LABEL_SOURCES = ("vocab", "current_token", "next_token")
-# An entropy neuron writes mostly into the unembedding's effective null space: at least this many times the
-# share a random direction gets (k / d_model; 2% of d_model by default, so a null_frac of 0.2 and more).
-ENTROPY_NULL_RATIO = 10.0
-# A deactivating neuron lowers a later head's attention to the first position this many random-direction
-# standard deviations below zero (z <= -3).
-DEACTIVATION_Z = -3.0
+# The role thresholds are defined beside the summaries that count them; the pages read them from here.
+__all__ = ["DEACTIVATION_Z", "ENTROPY_NULL_RATIO", "LABEL_SOURCES", "neuron_labels", "neuron_token_sets",
+           "entropy_curve", "neuron_heads", "label_features", "label_counts_by_seed", "role_counts_by_layer",
+           "labels", "entropy_interventions", "head_scores", "roles_summary"]
 
 
 def neuron_labels(engine: Engine, model: str, layer: int, neuron: int) -> pd.DataFrame:
@@ -66,21 +65,22 @@ def neuron_heads(engine: Engine, model: str, layer: int, neuron: int) -> pd.Data
 
 
 def label_features(engine: Engine, family: str, source: str) -> pd.DataFrame:
-    """Features that label some neuron of the family from `source` (rank 0), most frequent first."""
+    """Features that label some neuron of the family from `source` (rank 0), most frequent first (from the
+    label_counts summary the labels job keeps)."""
     return _frame(engine, """
-        SELECT l.feature, COUNT(*) AS n_neurons
-        FROM neuron_labels l JOIN models m ON m.id = l.model_id
-        WHERE m.family = :family AND l.source = :source AND l.rank = 0
-        GROUP BY l.feature ORDER BY n_neurons DESC, l.feature""", family=family, source=source)
+        SELECT c.feature, SUM(c.n_neurons) AS n_neurons
+        FROM label_counts c JOIN models m ON m.id = c.model_id
+        WHERE m.family = :family AND c.source = :source
+        GROUP BY c.feature ORDER BY n_neurons DESC, c.feature""", family=family, source=source)
 
 
 def label_counts_by_seed(engine: Engine, family: str, source: str, top: int = 15) -> pd.DataFrame:
     """Neurons per rank-0 label and seed for the `top` most frequent labels of the family (one bar per seed)."""
     frame = _frame(engine, """
-        SELECT m.seed, l.feature, COUNT(*) AS n_neurons
-        FROM neuron_labels l JOIN models m ON m.id = l.model_id
-        WHERE m.family = :family AND l.source = :source AND l.rank = 0
-        GROUP BY m.seed, l.feature""", family=family, source=source)
+        SELECT m.seed, c.feature, SUM(c.n_neurons) AS n_neurons
+        FROM label_counts c JOIN models m ON m.id = c.model_id
+        WHERE m.family = :family AND c.source = :source
+        GROUP BY m.seed, c.feature""", family=family, source=source)
     if frame.empty:
         return frame
     leading = frame.groupby("feature")["n_neurons"].sum().nlargest(top).index
@@ -88,23 +88,24 @@ def label_counts_by_seed(engine: Engine, family: str, source: str, top: int = 15
 
 
 def role_counts_by_layer(engine: Engine, family_or_model: str) -> pd.DataFrame:
-    """Per model and layer: entropy neurons (null_frac >= ENTROPY_NULL_RATIO x the random share) and
-    deactivating neurons (some later head with z <= DEACTIVATION_Z), for a family or one model."""
+    """Per model and layer: entropy neurons (null_frac >= ENTROPY_NULL_RATIO x the random share; the weights
+    job's layer_classes summary) and deactivating neurons (some later head with z <= DEACTIVATION_Z; the
+    partial index of such rows), for a family or one model."""
     return _frame(engine, f"""
-        WITH deactivating AS (
+        WITH chosen AS (
+            SELECT m.id, m.name, m.seed, m.n_layers FROM models m WHERE m.family = :name OR m.name = :name
+        ), deactivating AS (
             SELECT s.model_id, s.layer, COUNT(DISTINCT s.neuron) AS n_deactivating
-            FROM neuron_head_scores s WHERE s.z <= :z AND s.score < 0
+            FROM neuron_head_scores s JOIN chosen m ON m.id = s.model_id
+            WHERE {deactivating_where("s")}
             GROUP BY s.model_id, s.layer
         )
-        SELECT m.name AS model, m.seed, n.layer, {REL_DEPTH.format(layer="n.layer")} AS rel_depth,
-               SUM(CASE WHEN n.null_frac >= :ratio * n.null_frac_random THEN 1 ELSE 0 END) AS n_entropy,
-               COALESCE(MAX(x.n_deactivating), 0) AS n_deactivating,
-               MAX(n.null_frac) AS max_null_frac, MAX(n.null_frac_random) AS null_frac_random
-        FROM neurons n JOIN models m ON m.id = n.model_id
-        LEFT JOIN deactivating x ON x.model_id = n.model_id AND x.layer = n.layer
-        WHERE (m.family = :name OR m.name = :name) AND n.null_frac IS NOT NULL
-        GROUP BY m.name, m.seed, n.layer, m.n_layers ORDER BY m.seed, n.layer""",
-        name=family_or_model, ratio=ENTROPY_NULL_RATIO, z=DEACTIVATION_Z)
+        SELECT m.name AS model, m.seed, c.layer, {REL_DEPTH.format(layer="c.layer")} AS rel_depth,
+               c.n_entropy, COALESCE(x.n_deactivating, 0) AS n_deactivating, c.max_null_frac, c.null_frac_random
+        FROM layer_classes c JOIN chosen m ON m.id = c.model_id
+        LEFT JOIN deactivating x ON x.model_id = c.model_id AND x.layer = c.layer
+        WHERE c.n_entropy IS NOT NULL
+        ORDER BY m.seed, c.layer""", name=family_or_model)
 
 
 def labels(engine: Engine, family: str | None = None, model: str | None = None, source: str | None = None,

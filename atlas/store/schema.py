@@ -12,6 +12,8 @@ from typing import Any, Optional
 from sqlalchemy import JSON, DateTime, func, Float, ForeignKey, Index, MetaData, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from atlas.store.summaries import DEACTIVATING_WHERE
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -185,8 +187,9 @@ class Neuron(Base):
 
 
 class LayerClasses(Base):
-    """Per model and layer, how many neurons fall in each vocabulary class: rewritten from neurons by the weights
-    job in the transaction that writes them (atlas.store.summaries); layer_profile and Figure 6 read it."""
+    """Per model and layer, how many neurons fall in each vocabulary class and how many are entropy neurons:
+    rewritten from neurons by the weights job in the transaction that writes them (atlas.store.summaries);
+    layer_profile, Figure 6 and the Layers page's role counts read it."""
 
     __tablename__ = "layer_classes"
 
@@ -196,6 +199,10 @@ class LayerClasses(Base):
     n_prediction: Mapped[int]
     n_suppression: Mapped[int]
     n_partition: Mapped[int]
+    # NULL where the layer has no null-space fractions (weights ingested before 0005).
+    n_entropy: Mapped[Optional[int]]
+    max_null_frac: Mapped[Optional[float]] = mapped_column(Float)
+    null_frac_random: Mapped[Optional[float]] = mapped_column(Float)
 
 
 class NeuronVocab(Base):
@@ -455,7 +462,24 @@ class NeuronHeadScore(Base):
     z: Mapped[float] = mapped_column(Float)
     job_id: Mapped[Optional[int]] = _job_fk()
 
-    __table_args__ = (Index("ix_neuron_head_scores_head", "model_id", "head_layer", "head"),)
+    # The deactivating neurons (z <= -3 with a negative effect: a few % of the rows) per layer, for the
+    # Layers page's counts without reading every neuron's scores.
+    __table_args__ = (Index("ix_neuron_head_scores_head", "model_id", "head_layer", "head"),
+                      Index("ix_neuron_head_scores_deactivating", "model_id", "layer", "neuron",
+                            sqlite_where=text(DEACTIVATING_WHERE), postgresql_where=text(DEACTIVATING_WHERE)))
+
+
+class LabelCounts(Base):
+    """Per model, label source and feature, how many neurons have the feature as their rank-0 label (over every
+    dataset): rewritten from neuron_labels by the labels job in the transaction that writes them
+    (atlas.store.summaries); the Families page reads it."""
+
+    __tablename__ = "label_counts"
+
+    model_id: Mapped[int] = _model_fk()
+    source: Mapped[str] = mapped_column(String(20), primary_key=True)
+    feature: Mapped[str] = mapped_column(String(50), primary_key=True)
+    n_neurons: Mapped[int]
 
 
 class HeadDeactivation(Base):
