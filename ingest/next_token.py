@@ -39,7 +39,7 @@ from ingest.runner import JobKey, config_hash, run_unit, science_config
 
 if TYPE_CHECKING:  # transformers is slow to import: the CLI imports this module at start-up
     from atlas.modeling import LoadedModel
-    from ingest.token_shards import ModelSpec
+    from ingest.token_shards import ModelSpec, ShardedStream
 
 log = logging.getLogger(__name__)
 
@@ -229,27 +229,22 @@ def run_token_shards(kind: str, config: Any, store: Store, models: list[Model], 
                      sharded: ShardedMeasure, write: Callable) -> None:
     """One unit per (model, token range) on the executor, all models' units at once; then per model its
     units' states merged in stream order into its rows, written through run_unit (one transaction each)."""
-    from atlas.modeling import load_tokenizer
-    from ingest.executors import make_executor
-    from ingest.token_shards import (delete_states, merge_states, model_spec, pending_models, run_pass_units,
-                                     shard_directory, shard_label, shared_tokens, state_path, token_ranges, unit_key,
+    from ingest.token_shards import (delete_states, merge_states, model_spec, pending_models, prepare_stream,
+                                     run_pass_units, shard_label, shard_setup, state_path, token_ranges, unit_key,
                                      with_done_ids)
 
     hash_ = config_hash(science_config(config))
     keys, pending = pending_models(store, kind, models, dataset, config)
     if not pending:
         return
-    executor = make_executor(config.executor, config.ray_address, config.gpus_per_task, config.cpus_per_task)
-    directory = shard_directory(config.shard_dir)
-    streams: dict[str, tuple[Path, int]] = {}  # tokenizer hash -> (token rows the workers read, rows used)
+    setup = shard_setup(config)
+    executor, directory = setup
+    streams: dict[str, ShardedStream] = {}  # per tokenizer hash: the token rows the workers read
     units: dict[int, list[NextTokenUnit]] = {}
     for m in pending:
         if m.tokenizer_hash not in streams:
-            tokens = tokenize(dataset, load_tokenizer(m.source, m.revision))
-            tokens_dir = tokens.directory if executor.name == "local" else shared_tokens(tokens.directory, directory)
-            streams[m.tokenizer_hash] = (tokens_dir, tokens.n_rows if config.tokens is None
-                                         else tokens.rows_for_tokens(config.tokens))
-        tokens_dir, n_rows = streams[m.tokenizer_hash]
+            streams[m.tokenizer_hash] = prepare_stream(config, dataset, m, setup)
+        tokens_dir, n_rows = streams[m.tokenizer_hash].tokens_dir, streams[m.tokenizer_hash].n_rows
         ranges = token_ranges(-(-n_rows // config.batch_size), config.token_shards)
         units[m.id] = [NextTokenUnit(
             label=f"{kind} {m.name} {shard_label(index, len(ranges))}",

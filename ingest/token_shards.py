@@ -119,15 +119,22 @@ class ShardedStream:
     n_rows: int
 
 
-def prepare_stream(config: Any, dataset: Any, model: Any) -> ShardedStream:
-    """From a job's config (executor, Ray and shard options, --tokens), its dataset and one of its models
-    (the tokenizer every model of the job shares)."""
-    from atlas.modeling import load_tokenizer
-    from ingest.datasets import tokenize
+def shard_setup(config: Any) -> tuple[Executor, Path]:
+    """The executor and the shard directory a sharded job's options name (once per run)."""
     from ingest.executors import make_executor
 
-    executor = make_executor(config.executor, config.ray_address, config.gpus_per_task, config.cpus_per_task)
-    directory = shard_directory(config.shard_dir)
+    return (make_executor(config.executor, config.ray_address, config.gpus_per_task, config.cpus_per_task),
+            shard_directory(config.shard_dir))
+
+
+def prepare_stream(config: Any, dataset: Any, model: Any,
+                   setup: tuple[Executor, Path] | None = None) -> ShardedStream:
+    """From a job's config (executor, Ray and shard options, --tokens), its dataset and one of its models
+    (the tokenizer; a job whose models differ in tokenizer prepares one stream per tokenizer, sharing `setup`)."""
+    from atlas.modeling import load_tokenizer
+    from ingest.datasets import tokenize
+
+    executor, directory = setup or shard_setup(config)
     tokens = tokenize(dataset, load_tokenizer(model.source, model.revision))
     tokens_dir = tokens.directory if executor.name == "local" else shared_tokens(tokens.directory, directory)
     n_rows = tokens.n_rows if config.tokens is None else tokens.rows_for_tokens(config.tokens)

@@ -12,11 +12,11 @@ not encode falls back to psycopg's own binary dumpers, row by row.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import orjson
 from sqlalchemy import JSON
 from sqlalchemy.orm import DeclarativeBase, Session
 
@@ -37,18 +37,17 @@ def _json_default(o: Any) -> Any:  # numpy values nested in a JSON column's list
     raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
 
 
-def _json_encoder():
-    """json.dumps with its default options, without its per-call setup (about half the time for short lists)."""
-    from json import encoder
-
-    if encoder.c_make_encoder is None:
-        return lambda value: json.dumps(value, default=_json_default)
-    iterencode = encoder.c_make_encoder(None, _json_default, encoder.encode_basestring_ascii, None, ": ", ", ",
-                                        False, False, True)
-    return lambda value: "".join(iterencode(value, 0))
+# orjson: the values json.dumps would write (floats as their shortest round-trip repr; compact separators),
+# about ten times faster, as bytes ready for COPY; numpy arrays and scalars natively; a NaN becomes null.
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
-_json = _json_encoder()
+def _json_bytes(value: Any) -> bytes:
+    return orjson.dumps(value, default=_json_default, option=_JSON_OPTIONS)
+
+
+def _json(value: Any) -> str:
+    return _json_bytes(value).decode()
 
 
 # --- columns -> Python lists (SQLite, and the rows of the generic PostgreSQL path) ---------------
@@ -209,8 +208,8 @@ def _field(value: Any, kind: str, n: int, name: str) -> _Field:
     if kind in _FIXED:
         return _fixed_field(value, np.dtype(_FIXED[kind]), n, name)
     if kind in ("json", "jsonb"):
-        prefix = "\x01" if kind == "jsonb" else ""  # jsonb's binary form: format version 1, then the text
-        return _text_field([None if v is None else prefix + _json(v) for v in _json_values(value, n)])
+        prefix = b"\x01" if kind == "jsonb" else b""  # jsonb's binary form: format version 1, then the text
+        return _bytes_field([None if v is None else prefix + _json_bytes(v) for v in _json_values(value, n)])
     if isinstance(value, np.ndarray) and value.dtype.kind == "U" and not _has_nul(value):
         encoded = np.char.encode(value, "utf-8")  # a numpy str array: encoded without a Python loop
         return _Field(np.char.str_len(encoded).astype(np.int64), encoded)
@@ -268,6 +267,14 @@ def _text_field(values: list) -> _Field:
         encoded = [t.encode("ascii") for t in texts]
     else:
         encoded = [t.encode() for t in texts]
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    lengths[np.fromiter((v is None for v in values), bool, len(values))] = -1
+    return _Field(lengths, encoded)
+
+
+def _bytes_field(values: list[bytes | None]) -> _Field:
+    """Encoded text (JSON from orjson: a NUL is escaped there); None is NULL."""
+    encoded = [b"" if v is None else v for v in values]
     lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
     lengths[np.fromiter((v is None for v in values), bool, len(values))] = -1
     return _Field(lengths, encoded)
