@@ -285,3 +285,35 @@ def test_migration_0008_fills_entropy_and_label_counts(store_at_0007):
     store.downgrade("0007")
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT COUNT(*) FROM layer_classes")).scalar() == N_LAYERS
+
+
+def test_family_counts_and_samples_match_pandas(filled_any_db_url):
+    """The Families page's counts (the registry, the summary alone, or neurons joined with it) and its scatter
+    sample choose the neurons a pandas filter of the rows chooses."""
+    from atlas.read import queries
+
+    store = Store(filled_any_db_url)
+    with store.engine.connect() as conn:
+        rows = pd.read_sql(text(
+            "SELECT m.family, m.seed, n.layer, n.neuron, n.vocab_class, u.excess_corr, d.name AS dataset "
+            "FROM neurons n JOIN models m ON m.id = n.model_id JOIN neuron_universality u ON u.model_id = n.model_id "
+            "AND u.layer = n.layer AND u.neuron = n.neuron JOIN datasets d ON d.id = u.dataset_id"), conn)
+    family, dataset = rows["family"].iloc[0], rows["dataset"].iloc[0]
+    rows = rows[(rows["family"] == family) & (rows["dataset"] == dataset)]
+    seeds = sorted(rows["seed"].unique().tolist())
+    classes = list(queries.VOCAB_CLASSES)
+    for chosen_seeds, layers, chosen_classes, threshold in (
+            (seeds, (0, 1), classes, None), (seeds, (0, 1), classes, 0.0), (seeds[:1], (1, 1), classes, -0.05),
+            (seeds, (0, 1), ["partition", "none"], 0.0), (seeds[1:], (0, 0), ["none"], None)):
+        chosen = queries.NeuronFilter(family, chosen_seeds, layers, chosen_classes, dataset, threshold)
+        expected = rows[rows["seed"].isin(chosen_seeds) & rows["layer"].between(*layers)
+                        & rows["vocab_class"].isin(chosen_classes)]
+        if threshold is not None:
+            expected = expected[expected["excess_corr"] > threshold]
+        total = queries.family_neuron_count(store.engine, chosen)
+        assert total == len(expected) > 0, (chosen, total, len(expected))
+        sample = queries.family_neuron_sample(store.engine, chosen, total, size=50)
+        keys = set(zip(expected["seed"], expected["layer"], expected["neuron"]))
+        assert 0 < len(sample) <= 50
+        assert set(zip(sample["seed"], sample["layer"], sample["neuron"])) <= keys
+    store.dispose()

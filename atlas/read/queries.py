@@ -316,6 +316,11 @@ class NeuronFilter:
                             label_source=label_source, label_feature=label_feature)
 
     @property
+    def only_universality(self) -> bool:
+        """Every class and no label, with a bar on excess correlation: the summary alone answers a count."""
+        return set(self.classes) >= set(VOCAB_CLASSES) and self.universal_threshold is not None and self.label is None
+
+    @property
     def everything(self) -> bool:
         """Every neuron of the chosen seeds and layers: no class, universality or label condition."""
         return set(self.classes) >= set(VOCAB_CLASSES) and self.universal_threshold is None and self.label is None
@@ -358,6 +363,13 @@ def family_neuron_count(engine: Engine, chosen: NeuronFilter) -> int:
             ("seeds",), family=chosen.family, seeds=list(chosen.seeds))
         layers = (frame["n_layers"].clip(upper=chosen.layers[1] + 1) - chosen.layers[0]).clip(lower=0)
         return int((layers * frame["d_mlp"]).sum())
+    if chosen.only_universality:  # every summary row is a neuron: count them by the (dataset, excess) index alone
+        return int(_scalar_expanding(engine, """
+            SELECT COUNT(*) FROM neuron_universality u JOIN models m ON m.id = u.model_id
+            WHERE u.dataset_id = (SELECT d.id FROM datasets d WHERE d.name = :dataset) AND u.excess_corr > :threshold
+                  AND m.family = :family AND m.seed IN :seeds AND u.layer BETWEEN :lo AND :hi""", ("seeds",),
+            family=chosen.family, seeds=list(chosen.seeds), lo=chosen.layers[0], hi=chosen.layers[1],
+            dataset=chosen.dataset, threshold=chosen.universal_threshold) or 0)
     clause, params = chosen.sql(with_label=False)
     return int(_scalar_expanding(engine, f"SELECT COUNT(*) {clause}", _FAMILY_EXPANDING, **params) or 0)
 
@@ -376,7 +388,10 @@ def family_neuron_sample(engine: Engine, chosen: NeuronFilter, total: int, size:
     every = max(1, -(-total // room))
     d_mlp = int(_scalar(engine, "SELECT MAX(d_mlp) FROM models WHERE family = :family", family=chosen.family) or 0)
     picked = list(range(0, d_mlp, every)) or [0]
-    clause, params = chosen.sql(extra="AND n.vocab_class = 'none' AND n.neuron IN :picked")
+    # The same condition on the summary's side too: the planner then reads the universal neurons by their index
+    # and probes those picked, where it would scan every neuron of the family (it derives no IN from the join).
+    on_summary = " AND u.neuron IN :picked" if chosen.universal_threshold is not None else ""
+    clause, params = chosen.sql(extra=f"AND n.vocab_class = 'none' AND n.neuron IN :picked{on_summary}")
     rest = _frame(engine, f"""
         SELECT {_FAMILY_NEURON_COLUMNS} {clause}
         ORDER BY m.seed, n.layer, n.neuron LIMIT :room""", (*_FAMILY_EXPANDING, "picked"), **params,
