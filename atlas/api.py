@@ -142,6 +142,20 @@ class Atlas:
         return roles.labels(self.engine, family=family, model=model, source=source, feature=feature, layer=layer,
                             max_rank=max_rank, limit=limit)
 
+    def label_counts(self, family: str, source: str = "vocab") -> pd.DataFrame:
+        """Per seed and feature, how many neurons have the feature as their rank-0 label from `source` (the
+        label_counts summary; the Families page's chart draws the 15 most frequent)."""
+        self._check(family=family)
+        if source not in roles.LABEL_SOURCES:
+            raise AtlasError(f"no label source {source!r}: sources {', '.join(roles.LABEL_SOURCES)}")
+        return roles.label_counts_by_seed(self.engine, family, source, top=None)
+
+    def role_counts(self, model_or_family: str) -> pd.DataFrame:
+        """Per model and layer: entropy neurons (null_frac >= 10 x a random direction's) and neurons that
+        deactivate a later head (z <= -3), with the layer's largest null-space fraction (the Layers page's chart)."""
+        self._check_model_or_family(model_or_family, None)
+        return roles.role_counts_by_layer(self.engine, model_or_family)
+
     def entropy(self, family: str | None = None, model: str | None = None) -> pd.DataFrame:
         """Entropy-neuron interventions (one row per neuron and fixed value) with the null-space fraction."""
         self._check(family=family, model=model)

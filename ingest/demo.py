@@ -134,6 +134,7 @@ def run(config: DemoConfig, store: Store, console: Console | None = None) -> dic
     stage("null reference", lambda: null_reference(config, seeds_config, store))
     print_summary(store, config, console)
     print_roles(store, config, console)
+    print_by_step(store, config.family, config.analysis_dataset, console)
     print_timings(seconds)
     return seconds
 
@@ -264,6 +265,24 @@ def print_roles(store: Store, config: DemoConfig, console: Console) -> None:
     console.print(f"labels: the token feature explaining most variance (rank 0), neurons per label. Entropy neurons: "
                   f"null-space fraction >= {ENTROPY_NULL_RATIO:g} x a random direction's. Deactivating: some later "
                   f"head's attention to the first position falls with the neuron, z <= {DEACTIVATION_Z:g}.")
+
+
+def print_by_step(store: Store, family: str, dataset: str, console: Console) -> None:
+    """Universality over training (universality_by_step), when the family has checkpoints (--preset long)."""
+    from atlas.read.queries import universality_by_step
+
+    steps = universality_by_step(store.engine, family, dataset)
+    if steps.empty:
+        return
+    table = Table("step", "seeds", "universal (excess > 0.5)", "excess > 0.3", "mean excess", "max corr / baseline",
+                  "prediction", "suppression", title=f"universality over training: {family} on {dataset} "
+                  "(seeds compared at the same step)")
+    for row in steps.itertuples():
+        table.add_row(str(int(row.step)), str(int(row.n_seeds)), f"{100 * row.universal_fraction_05:.2f}%",
+                      f"{100 * row.universal_fraction_03:.2f}%", _number(row.mean_excess_corr),
+                      f"{_number(row.mean_max_corr)} / {_number(row.mean_baseline_corr)}", str(int(row.n_prediction)),
+                      str(int(row.n_suppression)))
+    console.print(table)
 
 
 def _labels(pairs: list) -> str:

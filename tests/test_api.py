@@ -265,3 +265,22 @@ def test_roles_reach_the_card_and_the_api(api):
     strongest = heads.iloc[0]
     card = api.card(strongest["model"], int(strongest["layer"]), int(strongest["neuron"]))
     assert len(card.heads) > 0 and "attention roles" in set(card.provenance["result"])
+
+
+def test_label_and_role_counts_are_the_summaries(api):
+    """label_counts and role_counts answer from the summaries and agree with the rows behind them."""
+    labels = api.labels(family=FILLED_FAMILY, source="current_token", max_rank=0)
+    counts = api.label_counts(FILLED_FAMILY, "current_token")
+    assert set(counts.columns) == {"seed", "feature", "n_neurons"}
+    expected = labels.groupby(["seed", "feature"]).size()
+    assert counts.set_index(["seed", "feature"])["n_neurons"].astype(int).sort_index().to_dict() == expected.to_dict()
+    roles = api.role_counts(FILLED_FAMILY)
+    assert {"model", "layer", "n_entropy", "n_deactivating", "max_null_frac"} <= set(roles.columns)
+    deactivating = api.head_scores(family=FILLED_FAMILY, max_z=-3.0)
+    deactivating = deactivating[deactivating["score"] < 0].groupby(["model", "layer"])["neuron"].nunique()
+    got = roles.set_index(["model", "layer"])["n_deactivating"]
+    assert got[got > 0].astype(int).to_dict() == deactivating.to_dict()
+    with pytest.raises(AtlasError, match="no label source"):
+        api.label_counts(FILLED_FAMILY, "tokens")
+    with pytest.raises(AtlasError, match="no model or family named"):
+        api.role_counts("nowhere")

@@ -76,6 +76,22 @@ def test_seeds_at_each_step_are_compared_and_summarised(store, text_file, tmp_pa
         assert row["mean_excess_corr"] == pytest.approx(check["mean_excess"])
         assert 0 <= row["universal_fraction_05"] <= row["universal_fraction_03"] <= 1
         assert row["n_prediction"] is not None and row["n_suppression"] is not None
+    # The demo prints the same rows (its --preset long has checkpoints).
+    import io
+
+    from rich.console import Console
+
+    from ingest.demo import print_by_step
+
+    printed = io.StringIO()
+    print_by_step(store, "steps", "heldout", Console(file=printed, width=250))
+    lines = printed.getvalue().splitlines()
+    assert "universality over training: steps on heldout" in " ".join(lines)
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if "│" in line]
+    rows = [row for row in cells if row and row[0] in {str(step) for step in (*CHECKPOINTS, STEPS)}]
+    assert len(rows) == len(by_step), printed.getvalue()
+    assert [row[0] for row in rows] == [str(step) for step in (*CHECKPOINTS, STEPS)]
+    assert rows[0][3] == f"{100 * by_step[0]['universal_fraction_03']:.2f}%"
     readme = readme_queries(checkpoints=True)
     assert readme
     with store.engine.connect() as connection:

@@ -74,8 +74,9 @@ def label_features(engine: Engine, family: str, source: str) -> pd.DataFrame:
         GROUP BY c.feature ORDER BY n_neurons DESC, c.feature""", family=family, source=source)
 
 
-def label_counts_by_seed(engine: Engine, family: str, source: str, top: int = 15) -> pd.DataFrame:
-    """Neurons per rank-0 label and seed for the `top` most frequent labels of the family (one bar per seed)."""
+def label_counts_by_seed(engine: Engine, family: str, source: str, top: int | None = 15) -> pd.DataFrame:
+    """Neurons per rank-0 label and seed for the `top` most frequent labels of the family (one bar per seed;
+    every label with top=None)."""
     frame = _frame(engine, """
         SELECT m.seed, c.feature, SUM(c.n_neurons) AS n_neurons
         FROM label_counts c JOIN models m ON m.id = c.model_id
@@ -83,7 +84,8 @@ def label_counts_by_seed(engine: Engine, family: str, source: str, top: int = 15
         GROUP BY m.seed, c.feature""", family=family, source=source)
     if frame.empty:
         return frame
-    leading = frame.groupby("feature")["n_neurons"].sum().nlargest(top).index
+    totals = frame.groupby("feature")["n_neurons"].sum()
+    leading = totals.index if top is None else totals.nlargest(top).index
     return frame[frame["feature"].isin(leading)].sort_values(["feature", "seed"]).reset_index(drop=True)
 
 
