@@ -108,12 +108,17 @@ def test_removing_a_seed_refreshes_its_partners(store):
     assert set(_view(store)["n_other_seeds"]) <= {0, 1}
 
 
-@pytest.fixture
-def store_at_0005(empty_db_url):
-    store = Store(empty_db_url, check=False)
-    store.upgrade("0005")
+def _store_at(url: str, revision: str):
+    """A store migrated only up to `revision`: an atlas an older version of the atlas wrote."""
+    store = Store(url, check=False)
+    store.upgrade(revision)
     yield store
     store.dispose()
+
+
+@pytest.fixture
+def store_at_0005(empty_db_url):
+    yield from _store_at(empty_db_url, "0005")
 
 
 def test_migration_fills_the_summary_from_an_older_atlas(store_at_0005):
@@ -249,16 +254,13 @@ def test_histogram_counts_equal_numpy(filled_any_db_url):
 
 @pytest.fixture
 def store_at_0007(empty_db_url):
-    store = Store(empty_db_url, check=False)
-    store.upgrade("0007")
-    yield store
-    store.dispose()
+    yield from _store_at(empty_db_url, "0007")
 
 
 def test_migration_0008_fills_entropy_and_label_counts(store_at_0007):
     """An atlas written by the 0007 schema upgrades in place: entropy counts and label counts from its rows."""
     store = store_at_0007
-    ids, dataset_id = _models_and_dataset(store)
+    ids, _ = _models_and_dataset(store)
     rng = np.random.default_rng(2)
     n = N_LAYERS * D_MLP
     null_frac = rng.uniform(0.0, 0.4, n)
