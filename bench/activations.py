@@ -5,9 +5,14 @@ training) and the tiny byte-level tokenizer; the text is builtin:docstrings. Tim
   bare   - model(input_ids, attention_mask) on every batch (the full forward, unembedding included);
   ingest - run_family_pass with the activations consumer (exact moments + top-k with contexts);
   rows   - turning the accumulators into activation_stats / top_examples rows (once, at the end).
-Ratio = ingest tokens/s / bare tokens/s. Peak memory is the process's max RSS after each stage.
+Ratio = ingest tokens/s / bare tokens/s. Bare and ingest passes alternate --repeats times, each batch is
+timed, and each batch counts with its fastest time of the repeats (the work of batch i is the same in every
+repeat): on a shared machine a neighbour's burst slows some batches of one repeat, not all. The top-k
+examples fill up over the first batches (every neuron's top-k changes in every batch at first, a few per
+batch later), so the ratio over the second half of the batches is printed too: a job over millions of
+tokens runs at that one. Peak memory is the process's max RSS after each stage.
 
-    python bench/activations.py --tokens 8192 --layers 6 --d-model 384 --d-mlp 1536 --batch-size 16
+    python bench/activations.py --tokens 65536 --layers 6 --d-model 384 --d-mlp 1536 --batch-size 16
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--d-mlp", type=int, default=1536)
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=3, help="bare and ingest passes, alternating (fastest counts)")
     return parser.parse_args()
 
 
@@ -75,6 +81,22 @@ def model_and_tokens(args: argparse.Namespace, name: str):
     return loaded, tokens
 
 
+class Clock:
+    """A consumer that only notes when each batch's earlier consumers are done."""
+
+    def __init__(self) -> None:
+        self.ticks: list[float] = []
+
+    def consume(self, step) -> None:
+        self.ticks.append(time.perf_counter())
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
 def main() -> None:
     args = parse_args()
     from ingest.activations import ActivationStatsConsumer, ActivationsConfig, _model_results
@@ -89,20 +111,41 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     rss_start = peak_rss_mib()
 
-    with torch.inference_mode():  # warm-up, then bare forward passes
-        loaded.model(input_ids=batches[0].input_ids, attention_mask=batches[0].attention_mask)
-        start = time.perf_counter()
-        for batch in batches:
-            loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        bare = time.perf_counter() - start
-    rss_bare = peak_rss_mib()
+    def bare_pass() -> list[float]:
+        """The time of each batch's forward."""
+        times = []
+        with torch.inference_mode():
+            for batch in batches:
+                start = time.perf_counter()
+                loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                times.append(time.perf_counter() - start)
+        return times
 
-    consumer = ActivationStatsConsumer({0: (n_layers, d_mlp)}, args.top_k, 24, 4)
-    start = time.perf_counter()
-    run_family_pass([PassModel(0, loaded)], tokens, {"stats": consumer}, batch_size=args.batch_size,
-                    n_rows=tokens.n_rows, label="ingest pass")
-    ingest = time.perf_counter() - start
-    rss_ingest = peak_rss_mib()
+    def ingest_pass() -> tuple[list[float], ActivationStatsConsumer]:
+        """The time of each batch of the ingest pass (a consumer after the statistics reads the clock)."""
+        consumer, clock = ActivationStatsConsumer({0: (n_layers, d_mlp)}, args.top_k, 24, 4), Clock()
+        clock.ticks.append(time.perf_counter())
+        run_family_pass([PassModel(0, loaded)], tokens, {"stats": consumer, "clock": clock},
+                        batch_size=args.batch_size, n_rows=tokens.n_rows, label="ingest pass")
+        return [b - a for a, b in zip(clock.ticks, clock.ticks[1:])], consumer
+
+    with torch.inference_mode():  # warm-up
+        loaded.model(input_ids=batches[0].input_ids, attention_mask=batches[0].attention_mask)
+    half = slice(len(batches) // 2, None)
+    bare_runs, ingest_runs = [], []
+    rss_bare = rss_ingest = 0.0
+    for repeat in range(args.repeats):
+        bare_runs.append(bare_pass())
+        if repeat == 0:  # before any ingest pass
+            rss_bare = peak_rss_mib()
+        times, consumer = ingest_pass()
+        ingest_runs.append(times)
+        rss_ingest = peak_rss_mib()
+        print(f"repeat {repeat + 1}: bare {sum(bare_runs[-1]):.2f} s, ingest {sum(times):.2f} s, "
+              f"ratio {sum(bare_runs[-1]) / sum(times):.2f}; second half {sum(bare_runs[-1][half]) / sum(times[half]):.2f}")
+    bare_best, ingest_best = ([min(times) for times in zip(*runs)] for runs in (bare_runs, ingest_runs))
+    bare, ingest = sum(bare_best), sum(ingest_best)
+    bare_half, ingest_half = sum(bare_best[half]), sum(ingest_best[half])
 
     token_strings = [loaded.tokenizer.decode([i]) for i in range(len(loaded.tokenizer))]
     start = time.perf_counter()
@@ -112,7 +155,9 @@ def main() -> None:
 
     print(f"bare forward : {n_tokens / bare:10,.0f} tokens/s ({bare:.2f} s)")
     print(f"ingest pass  : {n_tokens / ingest:10,.0f} tokens/s ({ingest:.2f} s)")
-    print(f"ratio        : {bare / ingest:10.2f} (ingest speed / bare forward speed)")
+    print(f"ratio        : {bare / ingest:10.2f} (ingest speed / bare forward speed; each batch's fastest of {args.repeats})")
+    print(f"second half  : {bare_half / ingest_half:10.2f} (the same over batches {half.start + 1}-{len(batches)}, "
+          f"the top-k filled)")
     print(f"rows         : {rows:10.2f} s for {n_layers * d_mlp} stats + {n_examples} top examples")
     print(f"peak RSS MiB : start {rss_start:.0f}, after bare {rss_bare:.0f}, after ingest {rss_ingest:.0f}, "
           f"after rows {peak_rss_mib():.0f}")

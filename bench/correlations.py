@@ -72,6 +72,31 @@ def make_batches(n_batches: int, batch: int, n_a: int, n_b: int,
     return [(activations(n_a).to(device), activations(n_b).to(device)) for _ in range(n_batches)]
 
 
+def reset_peak_rss() -> float:
+    """Restart the kernel's count of this process's peak resident memory (Linux: /proc/self/clear_refs), so
+    that a later peak belongs to what ran since; returns the resident MiB now (ru_maxrss elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _proc_status_mib("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mib() -> float:
+    """The peak resident MiB since the last reset_peak_rss (since start where it cannot reset)."""
+    try:
+        return _proc_status_mib("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _proc_status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work: a timer must not stop while kernels still run."""
     if device.type == "cuda":
@@ -244,21 +269,21 @@ def bench_job(args: argparse.Namespace) -> None:
                                     batch_size=args.job_batch_size, checkpoint_every=0, checkpoint_seconds=0,
                                     device=args.device)
         planned, weights = planned_pass_bytes(store, config)
-        rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_before = reset_peak_rss()
         start = time.perf_counter()
         run(config, store)
         seconds = time.perf_counter() - start
+        peak = peak_rss_mib()
         store.dispose()
     n = args.job_layers * args.job_d_mlp
     pairs = args.job_seeds * (args.job_seeds - 1) // 2  # unordered: one GEMM serves both directions
     pair_flops = 2.0 * args.job_tokens * n * n * pairs
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"job: {args.job_seeds} seeds ({pairs} seed pairs), {args.job_layers} x {args.job_d_mlp} = {n} neurons "
           f"per model, {args.job_tokens:,} tokens, budget {args.job_budget}, {torch.get_num_threads()} threads")
     print(f"job: {seconds:.2f} s, {args.job_tokens / seconds:,.0f} tokens/s of the whole job, "
           f"{pair_flops / seconds / 1e9:.1f} GFLOP/s of pair GEMM (2 * tokens * N_A * N_B per pair)")
-    grown = (peak_kb - rss_before_kb) / 1024
-    print(f"job: peak RSS {peak_kb / 1024:,.1f} MiB (before the job {rss_before_kb / 1024:,.1f} MiB, grown "
+    grown = peak - rss_before
+    print(f"job: peak RSS {peak:,.1f} MiB (before the job {rss_before:,.1f} MiB, grown "
           f"{grown:,.1f} MiB); the planner counted {planned / 2**20:,.1f} MiB for its largest pass, plus "
           f"{weights / 2**20:,.1f} MiB of weights: growth / (planned + weights) = {grown * 2**20 / (planned + weights):.2f}")
 

@@ -92,20 +92,18 @@ class ActivationStatsConsumer:
             for layer, moments in enumerate(self.moments[model_id]):
                 moments.update(acts[:, layer * d_mlp:(layer + 1) * d_mlp])  # float64 temporaries of one layer
             self.top[model_id].update(acts, step.keys,
-                                      lambda index, columns, m=model_id: self._contexts(step, m, index, columns))
+                                      lambda index, features, m=model_id: self._contexts(step, m, index, features))
 
-    def _contexts(self, step: PassBatch, model_id: int, index: torch.Tensor,
-                  columns: torch.Tensor | None) -> torch.Tensor:
-        """The neuron's activation around each candidate [k', W, C] (C: the given feature columns, or all);
-        NaN outside the candidate's row."""
+    def _contexts(self, step: PassBatch, model_id: int, index: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The activation of each entering example's neuron around its position [p, W] (index: the
+        examples' stat rows in the batch, features: their neurons); NaN outside the example's row."""
         full = step.all_positions[model_id].to(self.device)
         n_rows, length, n_features = full.shape
         index = index.to(self.device)
-        features = torch.arange(n_features, device=self.device) if columns is None else columns.to(self.device)
-        rows = step.stat_rows.to(self.device)[index][:, None, :]               # [k', 1, C]
-        positions = step.stat_positions.to(self.device)[index][:, None, :] + self.offsets[None, :, None]  # [k', W, C]
+        rows = step.stat_rows.to(self.device)[index][:, None]                                   # [p, 1]
+        positions = step.stat_positions.to(self.device)[index][:, None] + self.offsets[None, :]  # [p, W]
         valid = (positions >= 0) & (positions < step.batch.lengths.to(self.device)[rows])
-        flat = (rows * length + positions.clamp(0, length - 1)) * n_features + features[None, None, :]
+        flat = (rows * length + positions.clamp(0, length - 1)) * n_features + features.to(self.device)[:, None]
         return full.reshape(-1)[flat].masked_fill(~valid, float("nan"))
 
     def merge(self, other: ActivationStatsConsumer) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from atlas.data import Batch, TokenizedDataset
 from atlas.data.cache import cache_dir, stable_hash
+from atlas.metrics._arrays import reused_buffer
 from ingest.progress import RateColumn, progress_bar
 
 if TYPE_CHECKING:  # transformers is slow to import: the CLI imports this module at start-up
@@ -32,7 +33,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PassBatch:
-    """What consumers see for one batch. Feature f of a model is neuron f % d_mlp of layer f // d_mlp."""
+    """What consumers see for one batch. Feature f of a model is neuron f % d_mlp of layer f // d_mlp.
+    The activation tensors live in buffers the pass reuses: a consumer that keeps them past its consume
+    call copies them."""
 
     index: int                               # batch number within the pass
     batch: Batch                             # token ids, masks, dataset rows, document indices (on CPU)
@@ -121,13 +124,18 @@ class Checkpoint:
             stale.unlink(missing_ok=True)
 
 
-def model_activations(loaded: LoadedModel, batch: Batch, device: torch.device) -> torch.Tensor:
-    """[b, L, n_layers * d_mlp] neuron activations of one batch (float32)."""
+def model_activations(loaded: LoadedModel, batch: Batch, device: torch.device,
+                      buffers: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """[b, L, n_layers * d_mlp] neuron activations of one batch (float32), written into a buffer of
+    `buffers` when given (overwritten by the next batch), else into a new tensor."""
     from atlas.modeling import capture_neuron_activations
 
-    acts = capture_neuron_activations(loaded, batch.input_ids.to(device), batch.attention_mask.to(device))
-    b, length, n_layers, d_mlp = acts.shape
-    return acts.reshape(b, length, n_layers * d_mlp).float()
+    adapter, model = loaded.adapter, loaded.model
+    b, length = batch.input_ids.shape
+    shape = (b, length, adapter.n_layers(model), adapter.d_mlp(model))
+    out = None if buffers is None else reused_buffer(buffers, "all_positions", shape, device, model.dtype)
+    acts = capture_neuron_activations(loaded, batch.input_ids.to(device), batch.attention_mask.to(device), out=out)
+    return acts.reshape(b, length, shape[2] * shape[3]).float()
 
 
 def run_family_pass(
@@ -167,12 +175,13 @@ def run_family_pass(
         log.info(f"resuming {label} from its checkpoint: {done_tokens:,} of {n_tokens:,} tokens "
                  f"already done ({checkpoint.path})")
     ready = [getattr(consumer, "ready_to_checkpoint", None) for consumer in consumers.values()]
+    buffers: dict[int, dict[str, torch.Tensor]] = {model.model_id: {} for model in models}
     with progress_bar(RateColumn("tokens")) as bar:
         task = bar.add_task(label, total=n_tokens, completed=done_tokens, visible=show_progress)
         stream = dataset.batches(batch_size, first_batch=first_batch, n_rows=min(rows.stop, n_rows))
         for offset, batch in enumerate(stream):
             index = first_batch + offset
-            step = _pass_batch(index, batch, models, dataset.ctx_len, stat_positions, target)
+            step = _pass_batch(index, batch, models, dataset.ctx_len, stat_positions, target, buffers)
             for consumer in consumers.values():
                 consumer.consume(step)
             bar.advance(task, int(batch.lengths.sum()))
@@ -193,14 +202,20 @@ def _prime(models: Sequence[PassModel], dataset: TokenizedDataset, consumers: Ma
 
 
 def _pass_batch(index: int, batch: Batch, models: Sequence[PassModel], ctx_len: int, stat_positions: str,
-                device: torch.device) -> PassBatch:
+                device: torch.device, buffers: dict[int, dict[str, torch.Tensor]] | None = None) -> PassBatch:
+    """The batch's activations; in `buffers` (per model) when given, else in new tensors."""
     mask = batch.stat_mask if stat_positions == "non_special" else batch.attention_mask.bool()
     rows, positions = mask.nonzero(as_tuple=True)
     keys = batch.row_indices[rows] * ctx_len + positions
+    flat = (rows * mask.shape[1] + positions).to(device)  # the stat positions among all of the batch's
     all_positions, activations = {}, {}
     with torch.inference_mode():
         for model in models:
-            acts = model_activations(model.loaded, batch, device)
+            mine = None if buffers is None else buffers[model.model_id]
+            acts = model_activations(model.loaded, batch, device, mine)
             all_positions[model.model_id] = acts
-            activations[model.model_id] = acts[mask.to(acts.device)]
+            every = acts.view(-1, acts.shape[-1])
+            out = None if mine is None else reused_buffer(mine, "stat_positions", (flat.shape[0], every.shape[1]),
+                                                          every.device, every.dtype)
+            activations[model.model_id] = torch.index_select(every, 0, flat, out=out)
     return PassBatch(index, batch, rows, positions, keys, activations, all_positions)

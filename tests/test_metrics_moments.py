@@ -72,6 +72,21 @@ def test_streaming_equals_scipy_whatever_the_batch_split(split: list[int]) -> No
     _assert_matches_reference(moments.result(), data)
 
 
+def test_rows_taken_a_few_at_a_time_give_the_same_moments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float64 work runs over chunks of rows (cache-sized on a CPU): with 7-row chunks, a ragged last
+    chunk and a strided view of a wider batch, the result still equals scipy."""
+    from atlas.metrics import moments
+
+    monkeypatch.setitem(moments._CHUNK_BYTES, "cpu", 8 * N_FEATURES * 7)
+    data = _activations(1000)
+    wide = np.concatenate([data, data[:, ::-1] * 2], axis=1)  # features of one "layer" are a strided view
+    accumulator = StreamingMoments(N_FEATURES)
+    for start in (0, 333, 999):
+        stop = {0: 333, 333: 999, 999: 1000}[start]
+        accumulator.update(torch.from_numpy(wide)[start:stop, :N_FEATURES])
+    _assert_matches_reference(accumulator.result(), data)
+
+
 def test_merge_of_shards_equals_one_pass() -> None:
     data = _activations(2500, seed=1)
     left, right = StreamingMoments(N_FEATURES), StreamingMoments(N_FEATURES)

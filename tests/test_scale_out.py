@@ -81,10 +81,9 @@ def test_token_ranges_cover_the_stream_at_aligned_starts():
 # -- exact merges (metrics) ----------------------------------------------------------------------------
 
 def payload_of(batch: torch.Tensor):
-    """The payload a top-k keeps: the candidate's own value, [k', 1, C]."""
-    def payload(index: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
-        values = batch if columns is None else batch[:, columns]
-        return values.gather(0, index)[:, None, :]
+    """The payload a top-k keeps: the entering example's own value, [p, 1]."""
+    def payload(rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return batch[rows, features][:, None]
     return payload
 
 

@@ -6,6 +6,8 @@ and convert each batch onto it; the same code runs on the CPU in CI.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -38,14 +40,19 @@ def accumulator_device(device: Device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
-def reused_buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], device: torch.device,
+def reused_buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], device: Device,
                   dtype: torch.dtype) -> torch.Tensor:
-    """A work buffer kept between batches in `buffers` (reallocated when the batch shape changes): fresh
-    allocations of batch size cost page faults comparable to the vector work itself."""
-    buffer = buffers.get(name)
-    if buffer is None or buffer.shape != torch.Size(shape):
-        buffer = buffers[name] = torch.empty(shape, device=device, dtype=dtype)
-    return buffer
+    """A work tensor of `shape` over flat storage kept between batches in `buffers`, grown (never shrunk) when
+    a batch needs more: batches of varying length reuse one allocation. Fresh allocations of batch size
+    cost page faults comparable to the vector work itself, and a new one beside the old raises the peak.
+    Its contents are the previous batch's: the caller overwrites them."""
+    numel = math.prod(shape)
+    storage = buffers.get(name)
+    if storage is None or storage.numel() < numel or storage.dtype != dtype or storage.device != torch.device(device):
+        buffers.pop(name, None)
+        storage = None  # the old storage is released before the larger one is allocated
+        storage = buffers[name] = torch.empty(numel, device=device, dtype=dtype)
+    return storage[:numel].view(shape)
 
 
 def host(tensor: torch.Tensor) -> np.ndarray:

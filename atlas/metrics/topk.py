@@ -6,7 +6,7 @@ how the stream was batched, and equals a brute-force sort by (-value, key). Ties
 real activations (every document that starts with the same token gives the same value).
 
 The payload is a fixed-width float vector per kept entry (e.g. the neuron's activation on the
-tokens around the example), computed by the caller only for a batch's candidates.
+tokens around the example), computed by the caller only for the entries a batch adds.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 
 from atlas.metrics._arrays import Device, host
 
-# (candidate batch-row indices [k', C], the C feature columns they are for, None for all F) -> payload [k', W, C]
-PayloadFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# (batch-row indices [p], feature indices [p]) of the entries a batch adds -> their payloads [p, W]
+PayloadFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _STATE_KEYS = ("values", "keys", "payload")
 
 
@@ -43,12 +43,38 @@ def batch_top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, values.shape[0])
     top = values.topk(k, dim=0).indices
     threshold = values.gather(0, top[-1:])  # each column's k-th largest value
-    ambiguous = ((values >= threshold).sum(dim=0) > k).nonzero().squeeze(1)
+    at_least = torch.ge(values, threshold, out=torch.empty_like(values)).sum(dim=0)  # float sums: fast, exact
+    ambiguous = (at_least > k).nonzero().squeeze(1)
     if ambiguous.numel():  # ties at the boundary: topk may pick any of them; a stable sort picks the first
         order = torch.sort(values[:, ambiguous], dim=0, descending=True, stable=True).indices[:k]
         top[:, ambiguous] = order
     top = top.sort(dim=0).values  # index ascending, then a stable sort by value
     return _stable_descending(values.gather(0, top), top)[1]
+
+
+def _entries_above(values: torch.Tensor, threshold: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The columns with values strictly above their threshold [C], and each one's best (at most k) such
+    entries as dense (values [d, C], rows [d, C]) ordered by (value descending, row ascending), padded
+    with -inf; d = the largest count. Only the batch's few entries above the thresholds are sorted."""
+    n_columns = values.shape[1]
+    flat = torch.gt(values, threshold).reshape(-1).nonzero().squeeze(1)  # row-major: earlier rows first
+    rows, columns, found = flat // n_columns, flat % n_columns, values.reshape(-1)[flat]
+    order = torch.sort(found, descending=True, stable=True).indices
+    order = order[torch.sort(columns[order], stable=True).indices]  # by column, then value, then row
+    rows, columns, found = rows[order], columns[order], found[order]
+    present, counts = torch.unique_consecutive(columns, return_counts=True)
+    if present.numel() == 0:
+        return found.reshape(0, 0), rows.reshape(0, 0), present
+    slot = torch.repeat_interleave(torch.arange(present.shape[0], device=values.device), counts)
+    rank = torch.arange(columns.shape[0], device=values.device) - (torch.cumsum(counts, 0) - counts)[slot]
+    keep = rank < k
+    depth = min(k, int(counts.max()))
+    dense_values = torch.full((depth, present.shape[0]), -torch.inf, dtype=values.dtype, device=values.device)
+    dense_rows = torch.zeros((depth, present.shape[0]), dtype=torch.int64, device=values.device)
+    dense_values[rank[keep], slot[keep]] = found[keep]
+    dense_rows[rank[keep], slot[keep]] = rows[keep]
+    return dense_values, dense_rows, present
 
 
 class StreamingTopK:
@@ -61,7 +87,10 @@ class StreamingTopK:
         self.device = torch.device(device)  # batches are merged here; only results leave it
         self.values = torch.full((0, n_features), -torch.inf, dtype=torch.float32, device=self.device)
         self.keys = torch.zeros((0, n_features), dtype=torch.int64, device=self.device)
-        self.payload = torch.zeros((0, payload_width, n_features), dtype=torch.float32, device=self.device)
+        # Payloads stay where they were written: rank r of feature f has its payload in row slots[r, f] of the
+        # store, so a merge writes only the entering entries' payloads and moves none.
+        self.slots = torch.zeros((0, n_features), dtype=torch.int64, device=self.device)
+        self.store = torch.zeros((k, payload_width, n_features), dtype=torch.float32, device=self.device)
 
     def update(self, values: torch.Tensor, keys: torch.Tensor, payload: PayloadFn | None = None) -> None:
         """Add a batch: values [n, F], keys [n] strictly increasing and larger than every earlier key."""
@@ -72,36 +101,55 @@ class StreamingTopK:
         values = values.detach().to(self.device, torch.float32)
         keys = keys.to(self.device)
         if self.values.shape[0] < self.k:
-            self._merge(values, keys, payload, None)
+            candidates = batch_top_indices(values, self.k)
+            self._merge(values.gather(0, candidates), candidates, keys, payload, None)
             return
-        # Once k entries are held, a feature changes only where the batch beats its k-th value (an equal
-        # value loses: its key is later), and after the first batches that is a small share of them.
-        columns = (values > self.values[-1]).any(dim=0).nonzero().squeeze(1)
-        if columns.numel() == self.n_features:
-            self._merge(values, keys, payload, None)
-        elif columns.numel():
-            self._merge(values[:, columns], keys, payload, columns)
+        # Once k entries are held, only a value above a feature's k-th one can enter (an equal value loses:
+        # its key is later). After the first batches few features have one, and few values per feature.
+        found, rows, columns = _entries_above(values, self.values[-1], self.k)
+        if columns.numel():
+            self._merge(found, rows, keys, payload, None if columns.numel() == self.n_features else columns)
 
-    def _merge(self, values: torch.Tensor, keys: torch.Tensor, payload: PayloadFn | None,
+    def _merge(self, found: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, payload: PayloadFn | None,
                columns: torch.Tensor | None) -> None:
-        """Merge the batch's best k of the given feature columns (None: all) into the kept entries."""
-        index = batch_top_indices(values, self.k)
-        width = values.shape[1]
-        candidate_payload = (payload(index, columns).to(self.device, torch.float32) if payload is not None
-                             else torch.zeros((index.shape[0], self.payload_width, width), device=self.device))
-        kept = (self.values, self.keys, self.payload) if columns is None else \
-            (self.values[:, columns], self.keys[:, columns], self.payload[:, :, columns])
-        # Earlier entries first: after the stable sort, equal values keep the smaller key first.
-        merged = _stable_descending(
-            torch.cat([kept[0], values.gather(0, index)]),
-            torch.cat([kept[1], keys[index]]),
-            torch.cat([kept[2], candidate_payload]),
-        )
-        best = [t[: self.k] for t in merged]
-        if columns is None:
-            self.values, self.keys, self.payload = (t.contiguous() for t in best)
-        else:  # the kept rows are full (k of them), so the merged ones fit in place
-            self.values[:, columns], self.keys[:, columns], self.payload[:, :, columns] = best
+        """Merge a batch's candidates (values `found` [d, C] at batch rows `rows`, each column best first,
+        -inf padding) into the kept entries of the given feature columns (None: all); payloads are made
+        only for the candidates that enter."""
+        every = columns is None
+        kept_values, kept_keys, kept_slots = (self.values, self.keys, self.slots) if every else \
+            (self.values[:, columns], self.keys[:, columns], self.slots[:, columns])
+        held, width = kept_values.shape[0], found.shape[1]
+        both = torch.cat([kept_values, found])
+        # Kept entries first: after the stable sort, an equal value keeps the earlier key. With k entries
+        # held, the -inf padding never enters.
+        order = torch.sort(both, dim=0, descending=True, stable=True).indices[: min(self.k, held + found.shape[0])]
+        entering = order >= held
+        batch_rows = rows.gather(0, (order - held).clamp(min=0))
+        kept_order = order.clamp(max=max(held - 1, 0))
+        keys_kept = kept_keys.gather(0, kept_order) if held else torch.zeros_like(order)
+        new_keys = torch.where(entering, keys[batch_rows], keys_kept)
+        # The kept entries that stay are a prefix of each column's ranks, so the store rows after that prefix
+        # (those of the entries pushed out, then the unused ones) take the entering entries, in rank order.
+        unused = torch.arange(held, self.k, device=self.device)[:, None].expand(self.k - held, width)
+        pool = torch.cat([kept_slots, unused])
+        first_free = order.shape[0] - entering.sum(dim=0, keepdim=True)
+        free = pool.gather(0, (first_free + entering.cumsum(dim=0) - 1).clamp(0, self.k - 1))
+        new_slots = torch.where(entering, free, pool.gather(0, kept_order))
+        ranks, at = entering.nonzero(as_tuple=True)
+        if ranks.numel() and self.payload_width:
+            features = at if every else columns[at]
+            self.store[new_slots[ranks, at], :, features] = 0.0 if payload is None else \
+                payload(batch_rows[ranks, at], features).to(self.device, torch.float32)
+        best = (both.gather(0, order), new_keys, new_slots)
+        if every:
+            self.values, self.keys, self.slots = best
+        else:  # k entries were held in every column, so the merged ones fit in place
+            self.values[:, columns], self.keys[:, columns], self.slots[:, columns] = best
+
+    @property
+    def payload(self) -> torch.Tensor:
+        """The kept entries' payloads [m, W, F], best first."""
+        return _gather_rows(self.store, self.slots)
 
     def merge(self, other: StreamingTopK) -> None:
         """Fold in the top-k of a LATER part of the stream (a later token shard: every key of `other` is larger
@@ -113,7 +161,13 @@ class StreamingTopK:
         merged = _stable_descending(torch.cat([self.values, other.values.to(self.device)]),
                                     torch.cat([self.keys, other.keys.to(self.device)]),
                                     torch.cat([self.payload, other.payload.to(self.device)]))
-        self.values, self.keys, self.payload = (t[: self.k].contiguous() for t in merged)
+        self._set(*(t[: self.k] for t in merged))
+
+    def _set(self, values: torch.Tensor, keys: torch.Tensor, payload: torch.Tensor) -> None:
+        """Hold these ranked entries (payload [m, W, F] best first), the store in rank order."""
+        self.values, self.keys = values.contiguous(), keys.contiguous()
+        self.slots = torch.arange(values.shape[0], device=self.device)[:, None].expand_as(values).contiguous()
+        self.store[: values.shape[0]] = payload
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(values [m, F], keys [m, F], payload [m, W, F]), best first; m = min(k, items seen)."""
@@ -129,7 +183,6 @@ class StreamingTopK:
             raise ValueError(f"top-k checkpoint lacks {missing}")
         payload = np.asarray(state["payload"])
         top = cls(payload.shape[2], k, payload.shape[1], device)
-        top.values = torch.from_numpy(np.array(state["values"], dtype=np.float32)).to(top.device)
-        top.keys = torch.from_numpy(np.array(state["keys"], dtype=np.int64)).to(top.device)
-        top.payload = torch.from_numpy(np.array(payload, dtype=np.float32)).to(top.device)
+        top._set(*(torch.from_numpy(np.array(state[key], dtype=dtype)).to(top.device)
+                   for key, dtype in zip(_STATE_KEYS, (np.float32, np.int64, np.float32))))
         return top
