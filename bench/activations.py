@@ -45,8 +45,29 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def reset_peak_rss() -> float:
+    """Restart the kernel's count of this process's peak resident memory (Linux: /proc/self/clear_refs), so
+    that a later peak belongs to what ran since; returns the resident MiB now (ru_maxrss elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _proc_status_mib("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The peak resident MiB since the last reset_peak_rss (since start where it cannot reset)."""
+    try:
+        return _proc_status_mib("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _proc_status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/self/status has no {field}")
 
 
 def build_model(directory: Path, args: argparse.Namespace) -> Path:

@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from atlas.metrics.correlation import DEFAULT_FLUSH_TOKENS, CorrelationAccumulator
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from atlas.metrics.correlation import DEFAULT_FLUSH_TOKENS, CorrelationAccumulator  # noqa: E402
+from bench.activations import peak_rss_mib, reset_peak_rss  # noqa: E402  (the same memory figures)
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,31 +74,6 @@ def make_batches(n_batches: int, batch: int, n_a: int, n_b: int,
     return [(activations(n_a).to(device), activations(n_b).to(device)) for _ in range(n_batches)]
 
 
-def reset_peak_rss() -> float:
-    """Restart the kernel's count of this process's peak resident memory (Linux: /proc/self/clear_refs), so
-    that a later peak belongs to what ran since; returns the resident MiB now (ru_maxrss elsewhere)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _proc_status_mib("VmRSS")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def peak_rss_mib() -> float:
-    """The peak resident MiB since the last reset_peak_rss (since start where it cannot reset)."""
-    try:
-        return _proc_status_mib("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _proc_status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise OSError(f"/proc/self/status has no {field}")
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work: a timer must not stop while kernels still run."""
     if device.type == "cuda":
@@ -123,7 +100,7 @@ def main() -> None:
     n_b, n_steps = sum(layer_sizes), max(1, args.tokens // args.batch)
     tokens = n_steps * args.batch
     batches = make_batches(min(4, n_steps), args.batch, args.n_a, n_b, device)
-    rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = peak_rss_mib()
 
     plain_dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(args.precision, torch.float32)
     plain_batches = [(xa.to(plain_dtype), xb.to(plain_dtype)) for xa, xb in batches]
@@ -154,7 +131,7 @@ def main() -> None:
     cross_flops = 2.0 * tokens * args.n_a * n_b
     gram_flops = 0.0 if args.no_gram else 2.0 * tokens * sum(d * d for d in layer_sizes)
     held = CorrelationAccumulator.estimate_bytes(args.n_a, layer_sizes, not args.no_gram, args.precision)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_mib()
     print(f"shapes: {tokens} tokens in batches of {args.batch}, n_a={args.n_a}, B layers={layer_sizes}, "
           f"gram={'off' if args.no_gram else 'on'}, flush every {args.flush_tokens} tokens, "
           f"{torch.get_num_threads()} threads, device {_device_name(device)}, precision {args.precision}")
@@ -163,8 +140,8 @@ def main() -> None:
           f"({(cross_flops + gram_flops) / update / 1e9:.1f} incl. Gram)")
     print(f"ratio (useful FLOP/s, update / matmul): {plain / update:.3f}  (target >= 0.8)")
     print(f"tokens/s: update {tokens / update:,.0f}, matmul {tokens / plain:,.0f}")
-    print(f"memory: accumulator holds {held / 2**20:,.1f} MiB; peak RSS {peak_kb / 1024:,.1f} MiB "
-          f"(before timing {rss_before_kb / 1024:,.1f} MiB)"
+    print(f"memory: accumulator holds {held / 2**20:,.1f} MiB; peak RSS {peak:,.1f} MiB "
+          f"(before timing {rss_before:,.1f} MiB)"
           + (f"; peak device memory {torch.cuda.max_memory_allocated(device) / 2**20:,.1f} MiB"
              if device.type == "cuda" else ""))
     if args.seeds > 1:
