@@ -50,7 +50,7 @@ def reused_buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int,
     storage = buffers.get(name)
     if storage is None or storage.numel() < numel or storage.dtype != dtype or storage.device != torch.device(device):
         buffers.pop(name, None)
-        storage = None  # the old storage is released before the larger one is allocated
+        del storage  # released before the larger one is allocated
         storage = buffers[name] = torch.empty(numel, device=device, dtype=dtype)
     return storage[:numel].view(shape)
 
