@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+
 import torch
 
 from atlas.errors import AtlasError
@@ -44,3 +48,22 @@ def model_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise AtlasError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    library = ctypes.CDLL(name) if name else None
+    return getattr(library, "malloc_trim", None)
+
+
+def release_free_host_memory() -> None:
+    """Hand the C allocator's free pages back to the OS.
+
+    glibc keeps memory freed in the middle of its heaps: batches of varying length leave holes that later
+    batches do not fit, and a budgeted job measured 20% above its plan that way (on a 2-core EPYC, 3 seeds x
+    2,048 neurons). One malloc_trim per batch (about 10 ms there) returns them."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

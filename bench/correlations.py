@@ -13,9 +13,12 @@ fixed seeds, saved with save_pretrained, sharing a byte-level BPE trained on bui
 temporary SQLite store, and times the job over --job-tokens tokens of builtin:docstrings: every pair of
 seeds (one accumulator per unordered pair gives both directions), model forwards, accumulation,
 baselines and writes included. It prints tokens/s of the whole job (dataset tokens / wall time), the
-pair-GEMM FLOP/s that implies, and the peak RSS.
+pair-GEMM FLOP/s that implies, and the job's peak RSS growth against what its planner counted for its
+largest pass (plus the models' weights) and against --job-budget (plus the weights): with a budget that
+binds (the pairs then take several passes or shards) the second is the promise --memory-budget makes.
 
     python bench/correlations.py --tokens 4096 --job --job-tokens 20000
+    python bench/correlations.py --tokens 256 --job --job-budget 300MiB   # a budget that binds
     python bench/correlations.py --device cuda   # the accumulator and the job on a GPU (--device auto)
     python bench/correlations.py --seeds 3 --n-a 3072 --layer-sizes 768   # a family pass, statistics shared
 """
@@ -233,7 +236,7 @@ def build_family(root: Path, args: argparse.Namespace) -> list[Path]:
 def bench_job(args: argparse.Namespace) -> None:
     from atlas.registry import register_dataset, register_model
     from atlas.store import Store
-    from ingest.correlations import CorrelationsConfig, run
+    from ingest.correlations import CorrelationsConfig, parse_bytes, run
 
     with tempfile.TemporaryDirectory() as temp:
         root = Path(temp)
@@ -262,7 +265,8 @@ def bench_job(args: argparse.Namespace) -> None:
     grown = peak - rss_before
     print(f"job: peak RSS {peak:,.1f} MiB (before the job {rss_before:,.1f} MiB, grown "
           f"{grown:,.1f} MiB); the planner counted {planned / 2**20:,.1f} MiB for its largest pass, plus "
-          f"{weights / 2**20:,.1f} MiB of weights: growth / (planned + weights) = {grown * 2**20 / (planned + weights):.2f}")
+          f"{weights / 2**20:,.1f} MiB of weights: growth / (planned + weights) = {grown * 2**20 / (planned + weights):.2f}, "
+          f"growth / (budget + weights) = {grown * 2**20 / (parse_bytes(args.job_budget) + weights):.2f}")
 
 
 def planned_pass_bytes(store, config) -> tuple[int, int]:

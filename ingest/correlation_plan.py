@@ -104,11 +104,20 @@ def model_pass_bytes(width: int, batch_positions: int, precision: str = "float32
     return ModelColumns.estimate_bytes(width, batch_positions, precision) + 2 * 4 * batch_positions * width
 
 
+def forward_bytes(d_mlp: int, batch_positions: int) -> int:
+    """The forward pass's own temporaries for one batch (one model runs at a time, so a pass counts its
+    widest model once): about six hidden-width float32 values a position (GELU's tanh form holds four
+    at once, the residual stream and attention a few of width d_model ~ d_mlp / 4). Measured on the
+    tiny GPT-2 of bench/correlations.py: 35 MiB at the peak for 4,096 positions, where this counts 48 MiB."""
+    return 4 * 6 * d_mlp * batch_positions
+
+
 def pair_blocks(a: Model, b: Model, dataset_id: int, budget: int, precision: str = "float32",
                 batch_positions: int = 0) -> list[Block]:
     """The pair as one block when it fits the budget (with both sides' layer covariances and both models'
     batch buffers), else its shards."""
-    models = sum(model_pass_bytes(m.n_layers * m.d_mlp, batch_positions, precision) for m in (a, b))
+    models = (sum(model_pass_bytes(m.n_layers * m.d_mlp, batch_positions, precision) for m in (a, b))
+              + forward_bytes(max(a.d_mlp, b.d_mlp), batch_positions))
     if models >= budget:
         raise AtlasError(f"--memory-budget of {budget:,} bytes cannot hold one batch of {a.name} and {b.name} "
                          f"({models:,} bytes with their statistics): lower --batch-size or raise the budget")
@@ -125,14 +134,16 @@ def pair_blocks(a: Model, b: Model, dataset_id: int, budget: int, precision: str
 
 def pass_bytes(units: list[Block], batch_positions: int) -> int:
     """What a pass of these blocks holds: their accumulators, each layer group's covariances once (shared
-    by the blocks of the pass) and each model's statistics and batch buffers once."""
+    by the blocks of the pass), each model's statistics and batch buffers once, and the temporaries of
+    its widest model's forward."""
     grams = {key: (sizes, block.precision) for block in units for key, sizes in block.gram_sizes().items()}
     models = {}
     for block in units:
         models[block.a_id], models[block.b_id] = (block.a_width, block.precision), (block.b_width, block.precision)
     return (sum(block.accumulator_bytes() for block in units)
             + sum(gram_bytes(sizes, precision) for sizes, precision in grams.values())
-            + sum(model_pass_bytes(width, batch_positions, precision) for width, precision in models.values()))
+            + sum(model_pass_bytes(width, batch_positions, precision) for width, precision in models.values())
+            + forward_bytes(max(max(block.a_d_mlp, block.b_d_mlp) for block in units), batch_positions))
 
 
 def flush_every(n_rows: int, batch_size: int, ctx_len: int) -> int:

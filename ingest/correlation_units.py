@@ -41,6 +41,7 @@ def pass_units(blocks: list[Block], context: RunContext, ranges: list[range], to
                 "dataset": (dataset.id, dataset.content_hash), "tokens": tokens_dir.name, "n_rows": n_rows,
                 "batch_size": config.batch_size, "batches": (batches.start, batches.stop), "flush": flush})),
             checkpoint_every=config.checkpoint_every, checkpoint_seconds=config.checkpoint_seconds,
+            release_memory=True,
         ))
     return units
 

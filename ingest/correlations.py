@@ -34,8 +34,8 @@ from atlas.store import Store
 from atlas.store.schema import Dataset, Model, NeuronCorrelation
 from atlas.store.summaries import refresh_universality
 from ingest.correlation_consumer import CorrelationConsumer
-from ingest.correlation_plan import (KIND, Block, flush_every, gram_bytes, model_pass_bytes, pack_passes, pair_blocks,
-                                     pair_key, same_step_pairs)
+from ingest.correlation_plan import (KIND, Block, flush_every, forward_bytes, gram_bytes, model_pass_bytes, pack_passes,
+                                     pair_blocks, pair_key, same_step_pairs)
 from ingest.correlation_shards import SHARD_FORMAT, RunContext, combine_blocks, load_shard, save_shard, shard_path
 from ingest.datasets import check_context, check_dataset, check_tokens, tokenize
 from ingest.family_pass import Checkpoint, PassModel, run_family_pass
@@ -45,8 +45,8 @@ from ingest.progress import show_result
 from ingest.runner import JobKey, config_hash, find_done, replace_rows, run_unit, run_units, science_config
 
 # The plan, the consumer and the shards live in their own modules; their names stay importable from here.
-__all__ = ["KIND", "Block", "CorrelationConsumer", "CorrelationsConfig", "gram_bytes", "model_pass_bytes", "pack_passes",
-           "pair_blocks", "parse_bytes", "run", "same_step_pairs"]
+__all__ = ["KIND", "Block", "CorrelationConsumer", "CorrelationsConfig", "forward_bytes", "gram_bytes", "model_pass_bytes",
+           "pack_passes", "pair_blocks", "parse_bytes", "run", "same_step_pairs"]
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def compute_pass(blocks: list[Block], context: RunContext) -> tuple[dict[JobKey,
     }, config.checkpoint_every, config.checkpoint_seconds)
     run_family_pass(loaded, tokens, {"correlations": consumer}, batch_size=config.batch_size, n_rows=n_rows,
                     stat_positions="non_special" if config.exclude_special_tokens else "all",
-                    checkpoint=checkpoint, device=device,
+                    checkpoint=checkpoint, device=device, release_memory=True,
                     label=f"correlations {dataset.name}: {len(blocks)} unit(s), {len(model_ids)} model(s)")
     return consumer.results(config.baseline_seed), checkpoint
 

@@ -21,6 +21,7 @@ import torch
 
 from atlas.data import Batch, TokenizedDataset
 from atlas.data.cache import cache_dir, stable_hash
+from atlas.devices import release_free_host_memory
 from atlas.metrics._arrays import reused_buffer
 from ingest.progress import RateColumn, progress_bar
 
@@ -151,6 +152,7 @@ def run_family_pass(
     label: str = "pass",
     batches: range | None = None,
     show_progress: bool = True,
+    release_memory: bool = False,
 ) -> None:
     """Feed every batch of the first n_rows rows, with every model's activations, to every consumer.
 
@@ -158,6 +160,8 @@ def run_family_pass(
     (every real token; padding is never a position).
     batches: the indices of the batches to feed (a token shard of the pass; default: all of them). A
     range that starts later first primes the consumers with the stream's first batch.
+    release_memory: after each batch, return the allocator's free host pages to the OS (for a job that
+    keeps to a memory budget on the CPU; a few ms a batch).
     """
     target = torch.device(device)
     n_batches = -(-n_rows // batch_size)
@@ -184,6 +188,8 @@ def run_family_pass(
             step = _pass_batch(index, batch, models, dataset.ctx_len, stat_positions, target, buffers)
             for consumer in consumers.values():
                 consumer.consume(step)
+            if release_memory and target.type == "cpu":
+                release_free_host_memory()
             bar.advance(task, int(batch.lengths.sum()))
             if (checkpoint is not None and checkpoint.due(index + 1)
                     and all(check(index + 1) for check in ready if check is not None)):

@@ -178,6 +178,7 @@ class PassUnit:
     checkpoint_every: int
     checkpoint_seconds: float
     job_ids: tuple[int, ...] = ()             # set by the driver once the keys are claimed
+    release_memory: bool = False              # a budgeted pass: free host pages go back after each batch
 
     @property
     def n_tokens(self) -> int:
@@ -230,7 +231,7 @@ def run_pass_unit(unit: PassUnit) -> int:
         consumers["kill"] = _KillOnce(Path(os.environ[KILL_ONCE_ENV]))
     run_family_pass(models, tokens, consumers, batch_size=unit.batch_size, n_rows=unit.n_rows,
                     stat_positions=unit.stat_positions, checkpoint=checkpoint, device=str(device),
-                    label=unit.label, batches=unit.batches, show_progress=False)
+                    label=unit.label, batches=unit.batches, show_progress=False, release_memory=unit.release_memory)
     save_state(path, consumer.state_dict(), unit.job_ids)
     checkpoint.delete()
     return unit.n_tokens

@@ -289,7 +289,8 @@ def test_shards_resume_and_equal_the_unsharded_run(store, seed_dirs, docs_file, 
     models = register_family(store, seed_dirs, docs_file, seeds=(0, 1))
     d_mlp, width, positions = models[0].d_mlp, models[0].n_layers * models[0].d_mlp, BATCH * CTX
     # 2 of 3 layers on each side, beside both models' statistics and batch buffers
-    budget = pair_block_bytes(2, d_mlp, 2, d_mlp) + 2 * job.model_pass_bytes(width, positions)
+    budget = (pair_block_bytes(2, d_mlp, 2, d_mlp) + 2 * job.model_pass_bytes(width, positions)
+              + job.forward_bytes(d_mlp, positions))
     blocks = job.pair_blocks(models[0], models[1], 1, budget, batch_positions=positions)
     assert [b.key.shard for b in blocks] == ["a0:2/b0:2", "a0:2/b2:3", "a2:3/b0:2", "a2:3/b2:3"]
     n_passes = len(job.pack_passes(blocks, budget, positions))
@@ -366,18 +367,19 @@ def test_pack_passes_respects_the_budget():
     shapes = dict(n_layers=3, d_mlp=96)
     a, b, c = Model(id=1, **shapes), Model(id=2, **shapes), Model(id=3, **shapes)
     positions, model_bytes = 64, job.model_pass_bytes(288, 64)
-    budget = 3 * pair_block_bytes(3, 96, 3, 96) + 3 * model_bytes
+    budget = 3 * pair_block_bytes(3, 96, 3, 96) + 3 * model_bytes + job.forward_bytes(96, positions)
     blocks = [blk for x, y in [(a, b), (a, c), (b, c)] for blk in job.pair_blocks(x, y, 1, budget, batch_positions=positions)]
     assert [blk.sharded for blk in blocks] == [False, False, False]
     # every pair in one pass: each model runs once per batch, its statistics and batch counted once
     assert len(job.pack_passes(blocks, budget, positions)) == 1
-    small = pair_block_bytes(1, 96, 1, 96) + 2 * model_bytes
+    small = pair_block_bytes(1, 96, 1, 96) + 2 * model_bytes + job.forward_bytes(96, positions)
     blocks = job.pair_blocks(a, b, 1, small, batch_positions=positions)
     assert len(blocks) == 9 and all(blk.sharded for blk in blocks)
     for units in job.pack_passes(blocks, small, positions):
         grams = {key: job.gram_bytes(sizes) for blk in units for key, sizes in blk.gram_sizes().items()}
         models = {m for blk in units for m in (blk.a_id, blk.b_id)}
-        assert sum(blk.accumulator_bytes() for blk in units) + sum(grams.values()) + len(models) * model_bytes <= small
+        assert (sum(blk.accumulator_bytes() for blk in units) + sum(grams.values()) + len(models) * model_bytes
+                + job.forward_bytes(96, positions) <= small)
     with pytest.raises(AtlasError, match="lower --batch-size"):
         job.pair_blocks(a, b, 1, small, batch_positions=100 * positions)
 

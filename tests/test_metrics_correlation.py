@@ -65,6 +65,22 @@ def test_rho_equals_float64_corrcoef(activations, batch, flush_tokens) -> None:
     assert abs(rho[3, 4] - 1.0) < 1e-6
 
 
+def test_flush_adds_the_float32_products_a_few_rows_at_a_time(activations, monkeypatch) -> None:
+    """The float32 partial products enter the float64 sums in chunks of rows (no widened copy of the
+    whole matrix): with 5-row chunks and a ragged last one, the sums equal one widened add, bit for bit."""
+    from atlas.metrics import _arrays
+
+    xa, xb = activations
+    whole = _accumulate(xa, xb, 257, flush_tokens=1)
+    monkeypatch.setitem(_arrays._CHUNK_BYTES, "cpu", 8 * N_B * 5)  # 24 rows of A: 5, 5, 5, 5, 4
+    chunked = _accumulate(xa, xb, 257, flush_tokens=1)
+    assert torch.equal(chunked.cross, whole.cross)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(chunked.grams, whole.grams))
+    total, part = torch.zeros(7, 3, dtype=torch.float64), torch.randn(7, 3)
+    _arrays.add_widened(total, part)
+    assert torch.equal(total, part.double())
+
+
 def test_shift_is_what_makes_large_means_exact(activations) -> None:
     """Without the shift (shift = 0) the |mean| = 1000 * std neurons lose digits in float32."""
     xa, xb = activations

@@ -75,9 +75,9 @@ def test_streaming_equals_scipy_whatever_the_batch_split(split: list[int]) -> No
 def test_rows_taken_a_few_at_a_time_give_the_same_moments(monkeypatch: pytest.MonkeyPatch) -> None:
     """The float64 work runs over chunks of rows (cache-sized on a CPU): with 7-row chunks, a ragged last
     chunk and a strided view of a wider batch, the result still equals scipy."""
-    from atlas.metrics import moments
+    from atlas.metrics import _arrays
 
-    monkeypatch.setitem(moments._CHUNK_BYTES, "cpu", 8 * N_FEATURES * 7)
+    monkeypatch.setitem(_arrays._CHUNK_BYTES, "cpu", 8 * N_FEATURES * 7)
     data = _activations(1000)
     wide = np.concatenate([data, data[:, ::-1] * 2], axis=1)  # features of one "layer" are a strided view
     accumulator = StreamingMoments(N_FEATURES)

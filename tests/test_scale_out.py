@@ -338,7 +338,8 @@ def test_token_shards_of_layer_blocks_equal_the_unsharded_blocks(sqlite_store, t
     with store.session() as session:
         model = session.scalars(select(Model)).first()
     width, positions = model.n_layers * model.d_mlp, BATCH * CTX
-    budget = pair_block_bytes(2, model.d_mlp, 2, model.d_mlp) + 2 * job.model_pass_bytes(width, positions)
+    budget = (pair_block_bytes(2, model.d_mlp, 2, model.d_mlp) + 2 * job.model_pass_bytes(width, positions)
+              + job.forward_bytes(model.d_mlp, positions))
     common = ["--family", "tiny", "--dataset", "docs", "--batch-size", str(BATCH), "--device", "cpu",
               "--memory-budget", str(budget)]
     cli(url, "ingest", "correlations", *common)

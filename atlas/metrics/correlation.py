@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from atlas.errors import AtlasError
-from atlas.metrics._arrays import (ArrayLike, Device, accumulator_device, as_float32_tensor, as_tensor, host,
-                                   reused_buffer)
+from atlas.metrics._arrays import (ArrayLike, Device, accumulator_device, add_widened, as_float32_tensor,
+                                   as_tensor, host, reused_buffer)
 
 DEFAULT_FLUSH_TOKENS = 16384
 PRECISIONS = ("float64", "float32", "tf32", "bfloat16")
@@ -188,9 +188,9 @@ class CorrelationAccumulator:
         """Add the float32 partial products into the float64 accumulators."""
         if self._pending_tokens == 0:
             return
-        self.cross += self._pending_cross
+        add_widened(self.cross, self._pending_cross)
         for gram, pending in zip(self.grams, self._pending_grams):
-            gram += pending
+            add_widened(gram, pending)
         self._pending_tokens = 0
 
     def _layer_columns(self, columns: torch.Tensor) -> list[torch.Tensor]:
@@ -476,9 +476,9 @@ class SharedCorrelationAccumulator(CorrelationAccumulator):
         """Add another token shard's products (its models' columns are merged by their owner)."""
         self.flush()
         other.flush()
-        self.cross += other.cross.to(self.device)
+        add_widened(self.cross, other.cross.to(self.device))
         for gram, other_gram in zip(self.grams, other.grams, strict=True):
-            gram += other_gram.to(self.device)
+            add_widened(gram, other_gram.to(self.device))
         self.n += other.n
 
 
@@ -518,7 +518,7 @@ class TransposedView:
         if sum(layer_sizes_a) != accumulator.n_a or len(layer_sizes_a) != len(a_layers):
             raise ValueError(f"A's layers {list(layer_sizes_a)} do not cover the accumulator's {accumulator.n_a} rows")
         self.source = accumulator
-        self.n_a, self.n = accumulator.n_b, accumulator.n
+        self.n_a, self.n_b, self.n = accumulator.n_b, accumulator.n_a, accumulator.n
         self.layer_sizes_b, self.b_layers = [int(d) for d in layer_sizes_a], [int(l) for l in a_layers]
         self.track_gram = False
 
@@ -550,16 +550,28 @@ def _row_maxima(rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(missing, np.nan, best), np.where(missing, -1, partner).astype(np.int64)
 
 
+# The maxima read rho a chunk of rows at a time; a chunk of about 16 MiB of float64 keeps the few
+# temporaries of a chunk small beside the accumulators at any width (1,024 rows of GPT-2 small's 36,864
+# columns would be 288 MiB each).
+RESULT_CHUNK_BYTES = 1 << 24
+
+
+def _result_rows(n_columns: int, chunk_rows: int | None) -> int:
+    return chunk_rows or max(1, RESULT_CHUNK_BYTES // (8 * max(1, n_columns)))
+
+
 def max_correlations(
-    source: Union[np.ndarray, CorrelationAccumulator, TransposedView], chunk_rows: int = 1024
+    source: Union[np.ndarray, CorrelationAccumulator, TransposedView], chunk_rows: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(max_corr [n_a], partner column [n_a]) over B's neurons; computed in row chunks.
+    """(max_corr [n_a], partner column [n_a]) over B's neurons; computed in row chunks (chunk_rows, or
+    about RESULT_CHUNK_BYTES of float64).
 
     NaN columns (zero-variance B neurons) are ignored; a zero-variance A neuron gets NaN (never
     0) and partner -1.
     """
     statistics = not isinstance(source, np.ndarray)
     n_rows = source.n_a if statistics else source.shape[0]
+    chunk_rows = _result_rows(source.n_b if statistics else source.shape[1], chunk_rows)
     parts = []
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, start + chunk_rows)
@@ -619,7 +631,7 @@ def rotated_baseline_max(
     *,
     rotations: Sequence[np.ndarray] | None = None,
     layer_covariances: Sequence[np.ndarray] | None = None,
-    chunk_rows: int = 1024,
+    chunk_rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(max_corr, rotated column) of each A neuron against B with every layer rotated by R_l.
 
@@ -641,6 +653,7 @@ def rotated_baseline_max(
     rotated_variances_all = np.concatenate(rotated_variances)
     variances_a = accumulator.variances_a()
     starts = np.cumsum([0, *accumulator.layer_sizes_b])
+    chunk_rows = _result_rows(accumulator.n_b, chunk_rows)
     parts = []
     for row_start in range(0, accumulator.n_a, chunk_rows):
         rows = slice(row_start, row_start + chunk_rows)

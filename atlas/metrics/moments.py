@@ -16,16 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from atlas.metrics._arrays import (ArrayLike, Device, accumulator_device, as_float64_tensor, as_tensor, host,
-                                  reused_buffer)
+from atlas.metrics._arrays import (ArrayLike, Device, accumulator_device, as_float64_tensor, as_tensor,
+                                  chunk_rows, host, reused_buffer)
 
 _STATE_KEYS = ("n", "mean", "m2", "m3", "m4", "max", "min", "n_active")
-# Bytes of float64 work rows per step: on a CPU a chunk that stays in cache makes the float64 passes about 2x
-# faster than whole-batch passes; on an accelerator one big step per batch is fastest.
-_CHUNK_BYTES = {"cpu": 1 << 20}
-_ACCELERATOR_CHUNK_BYTES = 1 << 28
-
-
 @dataclass
 class _Moments:
     """Count and central moment sums (M_k = sum (x - mean)^k) of one set of rows, per feature."""
@@ -55,7 +49,7 @@ def _chunked_batch_moments(raw: torch.Tensor, buffers: dict[str, torch.Tensor]) 
     fraction of a standard deviation of the mean, the corrections cancel no digits that matter (the same
     sums as a two-pass computation to float64 rounding, without a float64 copy of the batch)."""
     n, width = raw.shape
-    rows = max(1, min(n, _CHUNK_BYTES.get(raw.device.type, _ACCELERATOR_CHUNK_BYTES) // (8 * width)))
+    rows = chunk_rows(raw.device, n, 8 * width)
     deviation = reused_buffer(buffers, "deviation", (rows, width), raw.device, torch.float64)
     power = reused_buffer(buffers, "power", (rows, width), raw.device, torch.float64)
     shift = raw.mean(dim=0, dtype=torch.float32 if raw.element_size() < 4 else raw.dtype).to(torch.float64)
