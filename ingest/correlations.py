@@ -72,8 +72,8 @@ class CorrelationsConfig:
     gives what each costs in max_corr against float64."""
     memory_budget: Annotated[str, RUN_OPTION] = "4GiB"
     """Memory of one pass besides the models' weights (e.g. 512MiB, 4GiB, 80GB): the accumulators, the layer
-    covariances, each model's statistics and a batch of its activations. Pairs that do not fit are split into
-    shards."""
+    covariances, each model's statistics, a batch of its activations and the forward's temporaries. Pairs
+    that do not fit are split into shards; the peak stays within about 5% of it."""
     batch_size: Annotated[int, RUN_OPTION] = 16
     """Rows (documents) per batch."""
     dtype: ModelDtype = "float32"

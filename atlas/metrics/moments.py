@@ -52,13 +52,14 @@ def _chunked_batch_moments(raw: torch.Tensor, buffers: dict[str, torch.Tensor]) 
     rows = chunk_rows(raw.device, n, 8 * width)
     deviation = reused_buffer(buffers, "deviation", (rows, width), raw.device, torch.float64)
     power = reused_buffer(buffers, "power", (rows, width), raw.device, torch.float64)
+    signs = reused_buffer(buffers, "signs", (rows, width), raw.device, torch.float32)  # 0/1: float32 sums are exact
     shift = raw.mean(dim=0, dtype=torch.float32 if raw.element_size() < 4 else raw.dtype).to(torch.float64)
     s1, s2, s3, s4, positive = (torch.zeros_like(shift) for _ in range(5))
     for start in range(0, n, rows):
         source = raw[start:start + rows]
         d, q = deviation[: source.shape[0]], power[: source.shape[0]]
-        positive += torch.gt(source, 0, out=q).sum(dim=0)  # while the rows are in cache
-        s1 += d.copy_(source).sub_(shift).sum(dim=0)
+        positive += torch.gt(source, 0, out=signs[: source.shape[0]]).sum(dim=0)  # while the rows are in cache
+        s1 += torch.sub(source, shift, out=d).sum(dim=0)  # widened and shifted in one step
         s2 += torch.mul(d, d, out=q).sum(dim=0)
         s3 += d.mul_(q).sum(dim=0)
         s4 += q.square_().sum(dim=0)

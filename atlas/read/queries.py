@@ -545,17 +545,18 @@ def families_with_correlations(engine: Engine) -> list[str]:
     return frame["family"].tolist()
 
 
+_BY_STEP_COLUMNS = ["step", "n_seeds", "n_neurons", "universal_fraction_05", "universal_fraction_03",
+                    "mean_excess_corr", "mean_max_corr", "mean_baseline_corr", "n_prediction", "n_suppression"]
+
+
 def universality_by_step(engine: Engine, family: str, dataset: str) -> pd.DataFrame:
     """The universality_by_step view for one family and dataset (empty without checkpoints: then the view is
     not read, since its plan hashes every neuron before it finds no model with a step)."""
     if _scalar(engine, "SELECT 1 FROM models WHERE family = :family AND step IS NOT NULL LIMIT 1",
                family=family) is None:
-        return pd.DataFrame(columns=["step", "n_seeds", "n_neurons", "universal_fraction_05", "universal_fraction_03",
-                                     "mean_excess_corr", "mean_max_corr", "mean_baseline_corr", "n_prediction",
-                                     "n_suppression"])
-    return _frame(engine, """
-        SELECT step, n_seeds, n_neurons, universal_fraction_05, universal_fraction_03, mean_excess_corr,
-               mean_max_corr, mean_baseline_corr, n_prediction, n_suppression
+        return pd.DataFrame(columns=_BY_STEP_COLUMNS)
+    return _frame(engine, f"""
+        SELECT {", ".join(_BY_STEP_COLUMNS)}
         FROM universality_by_step WHERE family = :family AND dataset = :dataset ORDER BY step""",
         family=family, dataset=dataset)
 
