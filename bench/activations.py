@@ -5,9 +5,11 @@ training) and the tiny byte-level tokenizer; the text is builtin:docstrings. Tim
   bare   - model(input_ids, attention_mask) on every batch (the full forward, unembedding included);
   ingest - run_family_pass with the activations consumer (exact moments + top-k with contexts);
   rows   - turning the accumulators into activation_stats / top_examples rows (once, at the end).
-Ratio = ingest tokens/s / bare tokens/s. Bare and ingest passes alternate --repeats times, each batch is
-timed, and each batch counts with its fastest time of the repeats (the work of batch i is the same in every
-repeat): on a shared machine a neighbour's burst slows some batches of one repeat, not all. The top-k
+Ratio = ingest tokens/s / bare tokens/s. Each batch is timed twice in the same pass, seconds apart: its
+ingest work (fetch, forward with capture, statistics), then a bare forward of the same batch. On a shared
+machine whose speed drifts from minute to minute both timings of a batch see the same machine. The pass
+runs --repeats times and each batch counts with its fastest time of each kind (the work of batch i is the
+same in every repeat): a neighbour's burst slows some batches of one repeat, not all. The top-k
 examples fill up over the first batches (every neuron's top-k changes in every batch at first, a few per
 batch later), so the ratio over the second half of the batches is printed too: a job over millions of
 tokens runs at that one. Peak memory is the process's max RSS after each stage.
@@ -102,14 +104,21 @@ def model_and_tokens(args: argparse.Namespace, name: str):
     return loaded, tokens
 
 
-class Clock:
-    """A consumer that only notes when each batch's earlier consumers are done."""
+class PairedBare:
+    """A consumer after the statistics: notes the batch's ingest time (since the previous batch's bare forward
+    ended), then times a bare forward of the same batch."""
 
-    def __init__(self) -> None:
-        self.ticks: list[float] = []
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.ingest, self.bare = model, [], []
+        self.mark = time.perf_counter()
 
     def consume(self, step) -> None:
-        self.ticks.append(time.perf_counter())
+        ingest_done = time.perf_counter()
+        self.ingest.append(ingest_done - self.mark)
+        with torch.inference_mode():
+            self.model(input_ids=step.batch.input_ids, attention_mask=step.batch.attention_mask)
+        self.mark = time.perf_counter()
+        self.bare.append(self.mark - ingest_done)
 
     def state_dict(self) -> dict:
         return {}
@@ -132,34 +141,26 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     rss_start = peak_rss_mib()
 
-    def bare_pass() -> list[float]:
-        """The time of each batch's forward."""
-        times = []
+    def bare_pass() -> None:
         with torch.inference_mode():
             for batch in batches:
-                start = time.perf_counter()
                 loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                times.append(time.perf_counter() - start)
-        return times
 
-    def ingest_pass() -> tuple[list[float], ActivationStatsConsumer]:
-        """The time of each batch of the ingest pass (a consumer after the statistics reads the clock)."""
-        consumer, clock = ActivationStatsConsumer({0: (n_layers, d_mlp)}, args.top_k, 24, 4), Clock()
-        clock.ticks.append(time.perf_counter())
-        run_family_pass([PassModel(0, loaded)], tokens, {"stats": consumer, "clock": clock},
+    def paired_pass() -> tuple[list[float], list[float], ActivationStatsConsumer]:
+        """Each batch's ingest time and its bare forward's time, taken one after the other."""
+        consumer = ActivationStatsConsumer({0: (n_layers, d_mlp)}, args.top_k, 24, 4)
+        paired = PairedBare(loaded.model)
+        run_family_pass([PassModel(0, loaded)], tokens, {"stats": consumer, "bare": paired},
                         batch_size=args.batch_size, n_rows=tokens.n_rows, label="ingest pass")
-        return [b - a for a, b in zip(clock.ticks, clock.ticks[1:])], consumer
+        return paired.bare, paired.ingest, consumer
 
-    with torch.inference_mode():  # warm-up
-        loaded.model(input_ids=batches[0].input_ids, attention_mask=batches[0].attention_mask)
+    bare_pass()  # warm-up, and the peak of bare forwards alone
+    rss_bare = peak_rss_mib()
     half = slice(len(batches) // 2, None)
     bare_runs, ingest_runs = [], []
-    rss_bare = rss_ingest = 0.0
     for repeat in range(args.repeats):
-        bare_runs.append(bare_pass())
-        if repeat == 0:  # before any ingest pass
-            rss_bare = peak_rss_mib()
-        times, consumer = ingest_pass()
+        bare_times, times, consumer = paired_pass()
+        bare_runs.append(bare_times)
         ingest_runs.append(times)
         rss_ingest = peak_rss_mib()
         print(f"repeat {repeat + 1}: bare {sum(bare_runs[-1]):.2f} s, ingest {sum(times):.2f} s, "
@@ -176,7 +177,8 @@ def main() -> None:
 
     print(f"bare forward : {n_tokens / bare:10,.0f} tokens/s ({bare:.2f} s)")
     print(f"ingest pass  : {n_tokens / ingest:10,.0f} tokens/s ({ingest:.2f} s)")
-    print(f"ratio        : {bare / ingest:10.2f} (ingest speed / bare forward speed; each batch's fastest of {args.repeats})")
+    print(f"ratio        : {bare / ingest:10.2f} (ingest speed / bare forward speed; each batch's fastest of {args.repeats}, "
+          f"bare and ingest of a batch timed one after the other)")
     print(f"second half  : {bare_half / ingest_half:10.2f} (the same over batches {half.start + 1}-{len(batches)}, "
           f"the top-k filled)")
     print(f"rows         : {rows:10.2f} s for {n_layers * d_mlp} stats + {n_examples} top examples")
