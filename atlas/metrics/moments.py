@@ -20,6 +20,8 @@ from atlas.metrics._arrays import (ArrayLike, Device, accumulator_device, as_flo
                                   chunk_rows, host, reused_buffer)
 
 _STATE_KEYS = ("n", "mean", "m2", "m3", "m4", "max", "min", "n_active")
+
+
 @dataclass
 class _Moments:
     """Count and central moment sums (M_k = sum (x - mean)^k) of one set of rows, per feature."""
