@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--d-mlp", type=int, default=1536)
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--repeats", type=int, default=3, help="bare and ingest passes, alternating (fastest counts)")
+    parser.add_argument("--repeats", type=int, default=3, help="paired passes (each batch: ingest, then a bare forward); each batch's fastest counts")
     return parser.parse_args()
 
 

@@ -18,7 +18,7 @@ largest pass (plus the models' weights) and against --job-budget (plus the weigh
 binds (the pairs then take several passes or shards) the second is the promise --memory-budget makes.
 
     python bench/correlations.py --tokens 4096 --job --job-tokens 20000
-    python bench/correlations.py --tokens 256 --job --job-budget 300MiB   # a budget that binds
+    python bench/correlations.py --tokens 256 --job --job-budget 400MiB   # a budget that binds (3 passes)
     python bench/correlations.py --device cuda   # the accumulator and the job on a GPU (--device auto)
     python bench/correlations.py --seeds 3 --n-a 3072 --layer-sizes 768   # a family pass, statistics shared
 """
