@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlas.devices import resolve_device
+from atlas.devices import _malloc_trim, release_free_host_memory, resolve_device
 from atlas.errors import AtlasError
 from atlas.metrics.correlation import CorrelationAccumulator
 from atlas.metrics.moments import StreamingMoments
@@ -89,11 +89,9 @@ def _resident_mib() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 
 
-@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "malloc_trim"), reason="no glibc malloc_trim here")
+@pytest.mark.skipif(_malloc_trim() is None, reason="the C library here has no malloc_trim (not glibc)")
 def test_free_host_memory_held_by_the_allocator_goes_back() -> None:
     """Memory freed below a live allocation stays resident under glibc until the budgeted pass trims it."""
-    from atlas.devices import release_free_host_memory
-
     chunks = [bytearray(100 * 1024) for _ in range(2000)]  # 200 MiB in heap-sized pieces (below mmap's threshold)
     keeper = bytearray(100 * 1024)  # allocated above them: the heap's top cannot shrink past it
     del chunks
